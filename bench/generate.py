@@ -1,0 +1,88 @@
+"""Batch-1 decoding: dbrx.generate against transformers' generate on the same weights, and against the
+machine's memory-bandwidth ceiling (active weight bytes per token / bandwidth of a large matrix-vector product).
+
+    .venv/bin/python bench/generate.py [--new-tokens 128] [--dtypes float32,bfloat16] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from dbrx import DbrxConfig, DbrxForCausalLM
+from dbrx.generate import generate
+from dbrx.perf import matvec_bandwidth
+
+
+def active_weight_bytes(model: DbrxForCausalLM, dtype: torch.dtype) -> int:
+    """Weights one decode step reads: active parameters, with one embedding row instead of the whole table."""
+    cfg = model.config
+    return (model.num_parameters(active=True) - cfg.vocab_size * cfg.d_model + cfg.d_model) * dtype.itemsize
+
+
+def best_of(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="dbrx-small")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (ours and the ceiling only)")
+    args = ap.parse_args()
+    import transformers
+
+    cfg = DbrxConfig.from_name(args.preset)
+    torch.manual_seed(0)
+    print(f"config {args.preset}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.kv_n_heads} heads, "
+          f"{cfg.num_experts} experts top {cfg.top_k}, width {cfg.ffn_config.ffn_hidden_size}, vocab {cfg.vocab_size}; "
+          f"device {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    prompt = torch.randint(0, 100000, (args.prompt_tokens,)).tolist()
+    n = args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        DbrxForCausalLM(cfg).save_pretrained(tmp)
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            bw = matvec_bandwidth(dtype=torch.float32, device=args.device)
+            ours = DbrxForCausalLM.from_pretrained(tmp, dtype=dtype, device=args.device)
+            out = generate(ours, prompt, 2)  # warm-up
+            t_ours = best_of(lambda: generate(ours, prompt, n), args.reps)
+            t_prefill = best_of(lambda: generate(ours, prompt, 1), args.reps)
+            decode_tps = (n - 1) / (t_ours - t_prefill)
+            ceiling = bw / active_weight_bytes(ours, dtype)
+            line = (f"[{dtype_name}] ours: {n / t_ours:7.2f} tok/s end to end, decode {decode_tps:7.2f} tok/s = "
+                    f"{decode_tps / ceiling:5.1%} of the bandwidth ceiling {ceiling:6.2f} tok/s "
+                    f"(fp32 matvec {bw / 1e9:.2f} GB/s, {active_weight_bytes(ours, dtype) / 2**20:.0f} MiB/token)")
+            if not args.no_hf:
+                hf = transformers.DbrxForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
+                ids = torch.tensor([prompt], device=args.device)
+
+                def hf_generate(k=n):
+                    return hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)
+
+                ref = hf_generate()[0, len(prompt):].tolist()
+                t_hf = best_of(hf_generate, args.reps)
+                same = ref == generate(ours, prompt, n)
+                line += (f"\n[{dtype_name}] transformers: {n / t_hf:7.2f} tok/s end to end; "
+                         f"ours/transformers = {t_hf / t_ours:.2f}x; greedy tokens identical: {same}")
+                del hf
+            print(line, flush=True)
+            del ours, out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Generation: a preallocated KV cache, one prefill, then one-token decode steps; greedy or sampled.
+
+A batch of prompts of different lengths is left-padded: every row's last prompt token sits at the same slot,
+so one decode step serves the whole batch; the attention mask hides the padding and positions restart at each
+row's first real token (as transformers does), so each row generates what it would alone.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from dbrx.model import DbrxForCausalLM, KVCache
+
+
+def prefill(model: DbrxForCausalLM, ids_BT: torch.Tensor, cache: KVCache, mask_BT: torch.Tensor | None):
+    """Run the whole prompt, fill the cache, return the logits of the last position [B, V]."""
+    return model(ids_BT, attention_mask=mask_BT, cache=cache, start_pos=0, last_only=True).logits[:, -1]
+
+
+def decode_one_token(model: DbrxForCausalLM, ids_B: torch.Tensor, cache: KVCache, pos: int,
+                     mask_BS: torch.Tensor | None):
+    """One new token per row at slot `pos`; returns its logits [B, V]."""
+    return model(ids_B[:, None], attention_mask=mask_BS, cache=cache, start_pos=pos).logits[:, -1]
+
+
+def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy when temperature == 0; otherwise softmax(logits / temperature) restricted to the top_k tokens
+    and to the smallest set whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep tokens until the mass before them reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _as_prompts(input_ids) -> tuple[list[list[int]], bool]:
+    """-> (prompts, single): accepts a list of ids, a list of lists, or a tensor [T] / [B, T]."""
+    if isinstance(input_ids, torch.Tensor):
+        single = input_ids.ndim == 1
+        rows = input_ids[None] if single else input_ids
+        return [r.tolist() for r in rows], single
+    input_ids = list(input_ids)
+    if input_ids and all(isinstance(i, int) for i in input_ids):
+        return [input_ids], True
+    return [list(map(int, r)) for r in input_ids], False
+
+
+def stream_generate(model: DbrxForCausalLM, input_ids, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    stop_token_ids: Sequence[int] | None = None) -> Iterator[list[int | None]]:
+    """Yield, after each step, the new token of every row (None for rows that have already stopped)."""
+    prompts, _ = _as_prompts(input_ids)
+    cfg = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    lens = [len(p) for p in prompts]
+    T = max(lens)
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of {T} tokens + max_new_tokens {max_new_tokens} = {T + max_new_tokens} tokens exceeds the "
+            f"model's max_seq_len of {cfg.max_seq_len}; shorten the prompt or ask for fewer new tokens"
+        )
+    bad = [i for p in prompts for i in p if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{cfg.vocab_size - 1})")
+    if max_new_tokens == 0:
+        return
+
+    param = next(model.parameters())
+    device, B = param.device, len(prompts)
+    ids_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+    mask_BS = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids_BT[b, T - len(p):] = torch.tensor(p, device=device)
+        mask_BS[b, T - len(p):] = 1
+    padded = min(lens) < T
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=torch.long, device=device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(cfg, B, T + max_new_tokens, param.dtype, device)
+
+    with torch.inference_mode():
+        logits_BV = prefill(model, ids_BT, cache, mask_BS[:, :T] if padded else None)
+        for step in range(max_new_tokens):
+            next_B = sample(logits_BV, temperature, top_k, top_p, generator)
+            yield [None if d else t for t, d in zip(next_B.tolist(), done_B.tolist())]
+            done_B |= torch.isin(next_B, stops)
+            if step + 1 == max_new_tokens or bool(done_B.all()):
+                return
+            pos = T + step
+            logits_BV = decode_one_token(model, next_B, cache, pos, mask_BS[:, : pos + 1] if padded else None)
+
+
+def generate(model: DbrxForCausalLM, input_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_token_ids: Sequence[int] | None = None):
+    """Generated ids (without the prompt), ending with the stop token when one was produced.
+
+    `input_ids`: one prompt (list of ids or 1-D tensor) -> list[int]; several (list of lists, or [B, T]) ->
+    list[list[int]]."""
+    prompts, single = _as_prompts(input_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids):
+        for row, tok in zip(out, step):
+            if tok is not None:
+                row.append(tok)
+    return out[0] if single else out
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text pieces, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)

@@ -1,0 +1,238 @@
+"""The DBRX transformer: one readable file whose state_dict() keys are exactly transformers' DbrxForCausalLM keys,
+so a Hugging Face checkpoint loads with load_state_dict(strict=True) and no converter.
+
+Shape legend: B batch, T new tokens in this call, S key/value slots (cached + new), D d_model, H query heads,
+G kv heads, hd head dim, V vocab, E experts.
+
+Forward, per block (pre-norm): norm_1 -> Wqkv -> clamp to +-clip_qkv -> split q,k,v -> RoPE on q,k ->
+(cache k,v) -> causal attention -> out_proj -> residual; norm_2 -> MoE FFN -> residual. Then norm_f, lm_head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbrx.config import DbrxConfig
+from dbrx.moe import DbrxFFN, load_balancing_loss
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V] in the model's dtype (the reference never upcasts)
+    aux_loss: torch.Tensor | None = None  # load-balancing loss, when router logits were asked for
+    router_logits: tuple[torch.Tensor, ...] | None = None  # per layer, [B*T, E]
+
+
+class KVCache:
+    """A preallocated cache per layer, [B, G, max_len, hd], written at explicit slot positions.
+
+    Slots are shared by the batch: with left padding, row b's first real token sits at slot pad_b, and the
+    attention mask (not the slot) tells which slots hold real tokens."""
+
+    def __init__(self, config: DbrxConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (config.n_layers, batch_size, config.kv_n_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @staticmethod
+    def bytes_per_token(config: DbrxConfig, dtype: torch.dtype) -> int:
+        return 2 * config.n_layers * config.kv_n_heads * config.head_dim * dtype.itemsize
+
+    def update(self, layer: int, start: int, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
+        end = start + k_BGTD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
+        self.k[layer, :, :, start:end] = k_BGTD
+        self.v[layer, :, :, start:end] = v_BGTD
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [B, T, hd] in the half-split ("rotate_half") convention; angles computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions_BT.device) / head_dim))
+    freqs_BTd = positions_BT[..., None].float() * inv_freq
+    emb_BTD = torch.cat((freqs_BTd, freqs_BTd), dim=-1)
+    return emb_BTD.cos().to(dtype), emb_BTD.sin().to(dtype)
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    half = x_BHTD.shape[-1] // 2
+    rotated = torch.cat((-x_BHTD[..., half:], x_BHTD[..., :half]), dim=-1)
+    return x_BHTD * cos_BTD[:, None] + rotated * sin_BTD[:, None]
+
+
+class DbrxAttention(nn.Module):
+    def __init__(self, config: DbrxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_n_heads, config.head_dim
+        self.d_model = config.d_model
+        self.clip_qkv = config.attn_config.clip_qkv
+        self.attn_pdrop = config.attn_config.attn_pdrop
+        self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=False)
+
+    def forward(self, x_BTD, cos_sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        qkv = self.Wqkv(x_BTD)
+        if self.clip_qkv is not None:  # before the split and before RoPE, as DBRX was trained
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = qkv.split([self.d_model, kv_dim, kv_dim], dim=-1)
+        q_BHTd = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTd = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTd = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTd, k_BGTd = apply_rope(q_BHTd, *cos_sin), apply_rope(k_BGTd, *cos_sin)
+        if cache is not None:
+            k_BGTd, v_BGTd = cache.update(self.layer_idx, start, k_BGTd, v_BGTd)
+        causal = mask is None and T > 1
+        if causal and k_BGTd.shape[2] != T:  # chunked prefill without padding: causal with an offset
+            mask, causal = causal_mask(None, start, T, q.device), False
+        o = F.scaled_dot_product_attention(
+            q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=causal,
+            dropout_p=self.attn_pdrop if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads,
+        )
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.d_model))
+
+
+def causal_mask(key_valid_BS: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor:
+    """Boolean [B|1, 1, T, S] mask, S = start + T: query i (slot start+i) sees slot j <= start+i that holds a
+    real token. Each query always sees its own slot, so a padding row never becomes an all-masked (NaN) row."""
+    S = start + T
+    q_slot = torch.arange(start, S, device=device)[:, None]
+    k_slot = torch.arange(S, device=device)[None, :]
+    mask_TS = k_slot <= q_slot
+    if key_valid_BS is None:
+        return mask_TS[None, None]
+    return (mask_TS[None] & key_valid_BS[:, None, :].bool() | (k_slot == q_slot)[None])[:, None]
+
+
+class DbrxNormAttentionNorm(nn.Module):
+    def __init__(self, config: DbrxConfig, layer_idx: int):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.d_model, bias=False)
+        self.attn = DbrxAttention(config, layer_idx)
+        self.norm_2 = nn.LayerNorm(config.d_model, bias=False)
+
+
+class DbrxBlock(nn.Module):
+    def __init__(self, config: DbrxConfig, layer_idx: int):
+        super().__init__()
+        self.resid_pdrop = config.resid_pdrop
+        self.norm_attn_norm = DbrxNormAttentionNorm(config, layer_idx)
+        self.ffn = DbrxFFN(config)
+
+    def forward(self, x_BTD, cos_sin, mask, cache, start):
+        nan = self.norm_attn_norm
+        h = nan.attn(nan.norm_1(x_BTD), cos_sin, mask, cache, start)
+        x_BTD = x_BTD + F.dropout(h, self.resid_pdrop, self.training)
+        h, router_logits = self.ffn(nan.norm_2(x_BTD))
+        return x_BTD + F.dropout(h, self.resid_pdrop, self.training), router_logits
+
+
+class DbrxModel(nn.Module):
+    def __init__(self, config: DbrxConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(DbrxBlock(config, i) for i in range(config.n_layers))
+        self.norm_f = nn.LayerNorm(config.d_model, bias=False)
+
+
+class DbrxForCausalLM(nn.Module):
+    def __init__(self, config: DbrxConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = DbrxModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for the norms (as transformers initialises)."""
+        gen = None
+        if seed is not None and self.lm_head.weight.device.type != "meta":
+            gen = torch.Generator(self.lm_head.weight.device).manual_seed(seed)
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu") -> "DbrxForCausalLM":
+        from dbrx.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+        from dbrx.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """"grouped" (default: sorted tokens, one contiguous group per expert) or "reference" (plain loop)."""
+        if impl not in ("grouped", "reference"):
+            raise ValueError(f"moe impl must be 'grouped' or 'reference', got {impl!r}")
+        for block in self.transformer.blocks:
+            block.ffn.impl = impl
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, start_pos: int = 0,
+                output_router_logits: bool = False, last_only: bool = False) -> CausalLMOutput:
+        """input_ids [B, T]. With a cache, the T tokens are written at slots start_pos .. start_pos+T-1.
+
+        attention_mask [B, start_pos+T] (1 = real token, 0 = padding) covers cached and new slots, as in
+        transformers; positions then restart at each row's first real token. `last_only` computes logits for
+        the last position only (what generation needs from a prefill)."""
+        B, T = input_ids.shape
+        cfg = self.config
+        if start_pos + T > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens is longer than the model's max_seq_len ({cfg.max_seq_len})"
+            )
+        x_BTD = F.dropout(self.transformer.wte(input_ids), cfg.emb_pdrop, self.training)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(start_pos, start_pos + T, device=input_ids.device)[None].expand(B, T)
+        cos_sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.attn_config.rope_theta, x_BTD.dtype)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = causal_mask(attention_mask, start_pos, T, input_ids.device)
+
+        router_logits = []
+        for block in self.transformer.blocks:
+            x_BTD, logits_NE = block(x_BTD, cos_sin, mask, cache, start_pos)
+            router_logits.append(logits_NE)
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+        logits = self.lm_head(self.transformer.norm_f(x_BTD))
+
+        if not output_router_logits:
+            return CausalLMOutput(logits=logits)
+        f = cfg.ffn_config
+        aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k,
+                                  None if attention_mask is None else attention_mask[:, -T:])
+        return CausalLMOutput(logits=logits, aux_loss=aux, router_logits=tuple(router_logits))
+
+    # ---- sizes ----------------------------------------------------------------------------------------------
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or those one token uses (top_k of the experts' weights)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        f = self.config.ffn_config
+        expert = sum(p.numel() for b in self.transformer.blocks for p in b.ffn.experts.parameters())
+        return total - expert + expert * f.moe_top_k // f.moe_num_experts
