@@ -143,6 +143,8 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated file?): {e}") from None
                 state[name] = t.to(dtype) if t.dtype != dtype else t
     model.load_state_dict(state, strict=True, assign=True)
+    del state
+    model.relayout_lm_head()
     model.config.dtype = dtype_name(dtype)
     return model.eval()
 

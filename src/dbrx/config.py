@@ -84,7 +84,6 @@ class DbrxFFNConfig:
     moe_loss_weight: float = 0.01
     moe_normalize_expert_weights: float | None = 1.0
     uniform_expert_assignment: bool = False
-    hidden_size: int | None = None  # transformers mirrors d_model here; checked, never needed
 
 
 @dataclass
@@ -111,7 +110,11 @@ class DbrxConfig:
         if isinstance(self.attn_config, dict):
             self.attn_config = DbrxAttentionConfig(**_check_fields(DbrxAttentionConfig, self.attn_config, "attn_config."))
         if isinstance(self.ffn_config, dict):
-            self.ffn_config = DbrxFFNConfig(**_check_fields(DbrxFFNConfig, self.ffn_config, "ffn_config."))
+            ffn = dict(self.ffn_config)
+            mirrored = ffn.pop("hidden_size", self.d_model)  # transformers mirrors d_model here
+            if mirrored != self.d_model:
+                raise ValueError(f"ffn_config.hidden_size ({mirrored}) must equal d_model ({self.d_model})")
+            self.ffn_config = DbrxFFNConfig(**_check_fields(DbrxFFNConfig, ffn, "ffn_config."))
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -166,8 +169,6 @@ class DbrxConfig:
             raise ValueError(
                 f"ffn_config.ffn_act_fn must be {{'name': one of {list(SUPPORTED_ACTIVATIONS)}}}, got {f.ffn_act_fn!r}"
             )
-        if f.hidden_size is not None and f.hidden_size != self.d_model:
-            raise ValueError(f"ffn_config.hidden_size ({f.hidden_size}) must equal d_model ({self.d_model})")
         if f.uniform_expert_assignment:
             raise ValueError("ffn_config.uniform_expert_assignment=true is a debugging mode this project does not run")
         if self.tie_word_embeddings:

@@ -108,6 +108,8 @@ class DbrxExperts(nn.Module):
                 impl: str = "grouped") -> torch.Tensor:
         if impl == "reference":
             return self._forward_reference(x_ND, weights_NK, experts_NK)
+        if experts_NK.numel() <= self.mlp.num_experts and not torch.is_grad_enabled():
+            return self._forward_few_tokens(x_ND, weights_NK, experts_NK)
         N, K = experts_NK.shape
         w1, v1, w2 = self.mlp.per_expert()
 
@@ -127,6 +129,28 @@ class DbrxExperts(nn.Module):
         # Back to token order, then each token's K outputs weighted by its router weights.
         y_NKD = _Permute.apply(y_SD, inverse_S, order_S).view(N, K, -1)
         return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
+
+    def _forward_few_tokens(self, x_ND, weights_NK, experts_NK):
+        """Decoding (a few tokens, no autograd): sorting costs more than it saves, so run each chosen expert on
+        the tokens that chose it and read only those experts' weights."""
+        shape = (self.mlp.num_experts, self.mlp.ffn_hidden_size, self.mlp.d_model)
+        w1_EFD, v1_EFD, w2_EFD = (w.view(shape) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for n, row in enumerate(experts_NK.tolist()):
+            for k, e in enumerate(row):
+                groups.setdefault(e, []).append((n, k))
+        weights = weights_NK.tolist()
+        y_ND = torch.zeros_like(x_ND)
+        for e, members in groups.items():
+            if len(members) == 1:
+                (n, k), = members
+                y_ND[n] += self.mlp.glu(x_ND[n:n + 1], w1_EFD[e], v1_EFD[e], w2_EFD[e])[0] * weights[n][k]
+            else:
+                n_idx = torch.tensor([n for n, _ in members], device=x_ND.device)
+                k_idx = torch.tensor([k for _, k in members], device=x_ND.device)
+                out = self.mlp.glu(x_ND[n_idx], w1_EFD[e], v1_EFD[e], w2_EFD[e]) * weights_NK[n_idx, k_idx, None]
+                y_ND.index_add_(0, n_idx, out)
+        return y_ND
 
     def _forward_reference(self, x_ND, weights_NK, experts_NK):
         """Plain loop over all experts: gather the tokens routed to e, run e, add back weighted."""

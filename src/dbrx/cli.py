@@ -1,0 +1,258 @@
+"""The `dbrx` command: one verb per thing a user does.
+
+    dbrx info (--preset NAME | --model DIR) [--json]   sizes, computed on the meta device
+    dbrx init --preset NAME --out DIR                  a randomly initialised checkpoint (HF format + tokenizer)
+    dbrx generate --model DIR [options] PROMPT         stream a completion
+    dbrx chat --model DIR [--system TEXT]              interactive chat with history
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dbrx.checkpoint import CheckpointError, available_memory_bytes, read_header, resolve_dtype
+from dbrx.config import PRESETS, DbrxConfig
+from dbrx.model import DbrxForCausalLM, KVCache
+
+GiB = 2**30
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: printed as one line, no traceback."""
+
+
+# ---- info ------------------------------------------------------------------------------------------------------
+def model_facts(config: DbrxConfig, stored_dtype: str | None = None) -> dict:
+    """Parameter counts and byte sizes, from a model built on the meta device (no memory is allocated)."""
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = DbrxForCausalLM(config)
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    memory = available_memory_bytes()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    facts = {
+        "total_parameters": total,
+        "active_parameters": active,
+        "experts": config.num_experts,
+        "experts_per_token": config.top_k,
+        "weight_bytes": {name: total * dt.itemsize for name, dt in dtypes.items()},
+        "kv_cache_bytes_per_token": {name: KVCache.bytes_per_token(config, dt) for name, dt in dtypes.items()},
+        "available_memory_bytes": memory,
+        "fits_in_memory": {name: total * dt.itemsize < memory for name, dt in dtypes.items()},
+        "stored_dtype": stored_dtype or config.dtype,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return facts
+
+
+def _print_facts(name: str, config: DbrxConfig, facts: dict) -> None:
+    print(f"{name}: d_model {config.d_model}, {config.n_layers} layers, {config.n_heads} heads "
+          f"({config.kv_n_heads} kv), {config.num_experts} experts x width {config.ffn_config.ffn_hidden_size}, "
+          f"top {config.top_k}, vocab {config.vocab_size}, context {config.max_seq_len}")
+    print(f"  parameters: {facts['total_parameters']:,} total, {facts['active_parameters']:,} active per token")
+    if facts["stored_dtype"]:
+        print(f"  stored dtype: {facts['stored_dtype']}")
+    mem = facts["available_memory_bytes"]
+    for dt, nbytes in facts["weight_bytes"].items():
+        fits = "fits" if facts["fits_in_memory"][dt] else "does NOT fit"
+        kv = facts["kv_cache_bytes_per_token"][dt]
+        print(f"  {dt:>8}: weights {nbytes:,} bytes ({nbytes / GiB:.1f} GiB), KV cache {kv:,} bytes/token; "
+              f"{fits} in this machine's {mem / GiB:.1f} GiB available memory")
+    print(f"  (computed on the meta device in {facts['seconds']:.2f} s)")
+
+
+def cmd_info(args) -> None:
+    if args.preset:
+        config, stored, name = DbrxConfig.from_name(args.preset), None, args.preset
+    else:
+        config, name = DbrxConfig.from_pretrained(args.model), str(args.model)
+        stored = _stored_dtype(args.model)
+    facts = model_facts(config, stored)
+    if args.json:
+        print(json.dumps({"name": name, "config": config.to_dict(), **facts}, indent=2))
+    else:
+        _print_facts(name, config, facts)
+
+
+def _stored_dtype(path) -> str | None:
+    dtypes = {str(dt).removeprefix("torch.") for _, dt, _ in read_header(path).values()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+# ---- init ------------------------------------------------------------------------------------------------------
+def cmd_init(args) -> None:
+    from dbrx.tokenizer import Tokenizer
+
+    config = DbrxConfig.from_name(args.preset)
+    torch.manual_seed(args.seed)
+    facts = model_facts(config)
+    dtype = resolve_dtype(args.dtype) or torch.float32
+    _refuse_if_too_big(facts["total_parameters"] * dtype.itemsize, f"preset {args.preset} in {args.dtype}")
+    model = DbrxForCausalLM(config).to(dtype)
+    model.save_pretrained(args.out)
+    Tokenizer().save_pretrained(args.out)
+    print(f"wrote a randomly initialised {args.preset} ({facts['total_parameters']:,} parameters, "
+          f"{args.dtype}) to {args.out}")
+
+
+# ---- generate / chat -------------------------------------------------------------------------------------------
+def _refuse_if_too_big(nbytes: int, what: str) -> None:
+    memory = available_memory_bytes()
+    if nbytes > 0.9 * memory:
+        raise UserError(
+            f"{what} needs {nbytes / GiB:.1f} GiB for its weights alone, but this machine has "
+            f"{memory / GiB:.1f} GiB available; refusing to load it (try a GPU with --device cuda, or a smaller model)"
+        )
+
+
+def _load_model(args) -> DbrxForCausalLM:
+    header = read_header(args.model)
+    dtype = resolve_dtype(args.dtype)
+    nbytes = sum(
+        int(torch.Size(shape).numel()) * (dtype or dt or torch.float32).itemsize for shape, dt, _ in header.values()
+    )
+    if args.device == "cpu":
+        _refuse_if_too_big(nbytes, f"the model in {args.model}")
+    return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+
+
+def _stream(model, tokenizer, prompt_ids: list[int], args, out=sys.stdout) -> list[int]:
+    from dbrx.generate import TextStreamer, stream_generate
+
+    streamer = TextStreamer(tokenizer)
+    stops = [] if args.ignore_eos else tokenizer.stop_token_ids
+    new: list[int] = []
+    t0 = time.perf_counter()
+    for (tok,) in stream_generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                  args.seed, stops):
+        if tok in stops:
+            break
+        new.append(tok)
+        out.write(streamer.push(tok))
+        out.flush()
+    out.write(streamer.flush() + "\n")
+    seconds = time.perf_counter() - t0
+    if args.stats:
+        print(f"[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, {len(new) / max(seconds, 1e-9):.1f} tok/s]",
+              file=sys.stderr)
+    return new
+
+
+def cmd_generate(args) -> None:
+    from dbrx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer()
+    model = _load_model(args)
+    if args.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt)
+    if args.echo:
+        sys.stdout.write(args.prompt)
+    _stream(model, tokenizer, ids, args)
+
+
+def cmd_chat(args) -> None:
+    from dbrx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer()
+    model = _load_model(args)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history: list[dict] = []
+    print("chat: /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tokenizer.apply_chat_template(system + history)
+        sys.stdout.write("dbrx> ")
+        try:
+            reply = _stream(model, tokenizer, ids, args)
+        except ValueError as e:  # e.g. the history outgrew the context: say so and keep the session
+            history.pop()
+            print(f"error: {e}; /reset to start over", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": tokenizer.decode(reply)})
+
+
+# ---- parser ----------------------------------------------------------------------------------------------------
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="a Hugging Face-format DBRX checkpoint directory")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set reaching this mass")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable output")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> / <|im_end|>")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbrx", description="DBRX: inspect, generate, chat.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("info", help="parameter counts, weight and KV-cache bytes, whether it fits in memory",
+                       description="Sizes of a DBRX model, computed on the meta device (nothing is allocated).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
+    which.add_argument("--model", type=Path, help="a Hugging Face-format checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint (for tests and demos)",
+                       description="Write a randomly initialised model in Hugging Face format, with tokenizer files.")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("generate", help="stream a completion of PROMPT",
+                       description="Stream a completion of PROMPT from a Hugging Face-format DBRX checkpoint.")
+    _sampling_options(p)
+    p.add_argument("--chat-template", action="store_true", help="wrap PROMPT as one user turn of the chat template")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("prompt", help="the text to continue")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with history",
+                       description="Chat with an instruct checkpoint using its ChatML template.")
+    _sampling_options(p)
+    p.add_argument("--system", default=None,
+                   help="system prompt (default: dbrx-instruct's own default system prompt)")
+    p.set_defaults(func=cmd_chat, max_new_tokens=512)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
