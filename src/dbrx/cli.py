@@ -122,9 +122,10 @@ def _load_model(args) -> DbrxForCausalLM:
     return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
 
 
-def _stream(model, tokenizer, prompt_ids: list[int], args, out=sys.stdout) -> list[int]:
+def _stream(model, tokenizer, prompt_ids: list[int], args) -> list[int]:
     from dbrx.generate import TextStreamer, stream_generate
 
+    out = sys.stdout
     streamer = TextStreamer(tokenizer)
     stops = [] if args.ignore_eos else tokenizer.stop_token_ids
     new: list[int] = []
