@@ -17,12 +17,19 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Until the training job lands, the demo shows the sizes of the real model (computed on the meta device) and a
+# generation from a small *randomly initialised* model: the pipeline is real, the text is noise.
 demo: $(STAMP)
-	$(BIN)/python -m dbrx.demo
+	$(BIN)/dbrx info --preset dbrx-instruct
+	$(BIN)/dbrx init --preset dbrx-tiny --out runs/random-tiny --seed 0
+	@echo "--- a completion from the randomly initialised dbrx-tiny (untrained: expect noise) ---"
+	$(BIN)/dbrx generate --model runs/random-tiny --max-new-tokens 32 --ignore-eos --stats --echo "def fibonacci(n):"
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/moe.py
+	$(BIN)/python bench/moe.py --dtype bfloat16
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

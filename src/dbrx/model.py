@@ -58,21 +58,22 @@ _INV_FREQ: dict[tuple, torch.Tensor] = {}
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin [B, T, hd] in the half-split ("rotate_half") convention; angles computed in fp32."""
+    """cos/sin [B, 1, T, hd] (broadcast over heads) in the half-split ("rotate_half") convention; angles
+    computed in fp32."""
     key = (head_dim, theta, positions_BT.device)
     if key not in _INV_FREQ:  # computed as transformers does, so that the angles match to the bit
         arange = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions_BT.device)
         _INV_FREQ[key] = 1.0 / (theta ** (arange / head_dim))
     inv_freq = _INV_FREQ[key]
     freqs_BTd = positions_BT[..., None].float() * inv_freq
-    emb_BTD = torch.cat((freqs_BTd, freqs_BTd), dim=-1)
-    return emb_BTD.cos().to(dtype), emb_BTD.sin().to(dtype)
+    emb_B1TD = torch.cat((freqs_BTd, freqs_BTd), dim=-1)[:, None]
+    return emb_B1TD.cos().to(dtype), emb_B1TD.sin().to(dtype)
 
 
-def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BHTD: torch.Tensor, cos_B1TD: torch.Tensor, sin_B1TD: torch.Tensor) -> torch.Tensor:
     half = x_BHTD.shape[-1] // 2
     rotated = torch.cat((-x_BHTD[..., half:], x_BHTD[..., :half]), dim=-1)
-    return x_BHTD * cos_BTD[:, None] + rotated * sin_BTD[:, None]
+    return x_BHTD * cos_B1TD + rotated * sin_B1TD
 
 
 class DbrxAttention(nn.Module):
@@ -92,16 +93,16 @@ class DbrxAttention(nn.Module):
         if self.clip_qkv is not None:  # before the split and before RoPE, as DBRX was trained
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         kv_dim = self.kv_heads * self.head_dim
-        q, k, v = qkv.split([self.d_model, kv_dim, kv_dim], dim=-1)
-        q_BHTd = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTd = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([self.d_model + kv_dim, kv_dim], dim=-1)
+        # q and k heads are adjacent in Wqkv's output: rotate them in one go, then split.
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.kv_heads, self.head_dim).transpose(1, 2), *cos_sin)
+        q_BHTd, k_BGTd = qk.split([self.n_heads, self.kv_heads], dim=1)
         v_BGTd = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q_BHTd, k_BGTd = apply_rope(q_BHTd, *cos_sin), apply_rope(k_BGTd, *cos_sin)
         if cache is not None:
             k_BGTd, v_BGTd = cache.update(self.layer_idx, start, k_BGTd, v_BGTd)
         causal = mask is None and T > 1
         if causal and k_BGTd.shape[2] != T:  # chunked prefill without padding: causal with an offset
-            mask, causal = causal_mask(None, start, T, q.device), False
+            mask, causal = causal_mask(None, start, T, x_BTD.device), False
         o = F.scaled_dot_product_attention(
             q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=causal,
             dropout_p=self.attn_pdrop if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads,

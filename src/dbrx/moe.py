@@ -96,7 +96,7 @@ class DbrxExpertGLU(nn.Module):
         return tuple(w.view(shape).unbind(0) for w in (self.w1, self.v1, self.w2))
 
     def glu(self, x_nD: torch.Tensor, w1_FD: torch.Tensor, v1_FD: torch.Tensor, w2_FD: torch.Tensor) -> torch.Tensor:
-        return (self.act(x_nD @ w1_FD.T) * (x_nD @ v1_FD.T)) @ w2_FD
+        return (self.act(F.linear(x_nD, w1_FD)) * F.linear(x_nD, v1_FD)) @ w2_FD
 
 
 class DbrxExperts(nn.Module):
@@ -135,21 +135,22 @@ class DbrxExperts(nn.Module):
         the tokens that chose it and read only those experts' weights."""
         shape = (self.mlp.num_experts, self.mlp.ffn_hidden_size, self.mlp.d_model)
         w1_EFD, v1_EFD, w2_EFD = (w.view(shape) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+        if x_ND.shape[0] == 1:  # batch-1 decoding: a weighted sum of the K chosen experts' outputs
+            y_1D = None
+            for e, w in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):
+                out = self.mlp.glu(x_ND, w1_EFD[e], v1_EFD[e], w2_EFD[e]) * w
+                y_1D = out if y_1D is None else y_1D + out
+            return y_1D
         groups: dict[int, list[tuple[int, int]]] = {}
         for n, row in enumerate(experts_NK.tolist()):
             for k, e in enumerate(row):
                 groups.setdefault(e, []).append((n, k))
-        weights = weights_NK.tolist()
         y_ND = torch.zeros_like(x_ND)
         for e, members in groups.items():
-            if len(members) == 1:
-                (n, k), = members
-                y_ND[n] += self.mlp.glu(x_ND[n:n + 1], w1_EFD[e], v1_EFD[e], w2_EFD[e])[0] * weights[n][k]
-            else:
-                n_idx = torch.tensor([n for n, _ in members], device=x_ND.device)
-                k_idx = torch.tensor([k for _, k in members], device=x_ND.device)
-                out = self.mlp.glu(x_ND[n_idx], w1_EFD[e], v1_EFD[e], w2_EFD[e]) * weights_NK[n_idx, k_idx, None]
-                y_ND.index_add_(0, n_idx, out)
+            n_idx = torch.tensor([n for n, _ in members], device=x_ND.device)
+            k_idx = torch.tensor([k for _, k in members], device=x_ND.device)
+            out = self.mlp.glu(x_ND[n_idx], w1_EFD[e], v1_EFD[e], w2_EFD[e]) * weights_NK[n_idx, k_idx, None]
+            y_ND.index_add_(0, n_idx, out)
         return y_ND
 
     def _forward_reference(self, x_ND, weights_NK, experts_NK):
