@@ -77,3 +77,12 @@ def test_a_model_too_big_for_memory_is_refused_before_loading(capsys, small_mode
 def test_user_errors_are_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--model", str(tmp_path), "hi")
     assert code == 2 and err.startswith("dbrx generate: error:") and "Traceback" not in err
+
+
+def test_init_writes_a_checkpoint_that_loads(capsys, tmp_path):
+    code, out, _ = run(capsys, "init", "--preset", "dbrx-tiny", "--out", str(tmp_path / "m"), "--dtype", "bfloat16")
+    assert code == 0 and "71,059,712 parameters" in out
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    model = DbrxForCausalLM.from_pretrained(tmp_path / "m")
+    assert next(model.parameters()).dtype == torch.bfloat16

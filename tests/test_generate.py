@@ -94,3 +94,25 @@ def test_stop_tokens_end_a_row(pair):
     stop = free[3]
     stopped = generate(ours, p, 10, stop_token_ids=[stop])
     assert stopped == free[: free.index(stop) + 1]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_on_each_available_device(tmp_path, device):
+    """The same model file runs in bf16 wherever it is loaded (CUDA when present); logits stay close to fp32."""
+    from conftest import dbrx_config
+
+    torch.manual_seed(4)
+    DbrxForCausalLM(dbrx_config("C")).save_pretrained(tmp_path)  # default init: routing not on a knife edge
+    fp32 = DbrxForCausalLM.from_pretrained(tmp_path)
+    bf16 = DbrxForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device=device)
+    ids = torch.randint(0, TINY_SPECS["C"]["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = fp32(ids).logits
+        got = bf16(ids.to(device)).logits.float().cpu()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got - want).abs().max() / want.abs().max() < 0.1
+    out = generate(bf16, ids[0].tolist(), 6)
+    assert len(out) == 6 and all(0 <= t < TINY_SPECS["C"]["vocab_size"] for t in out)
