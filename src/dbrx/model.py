@@ -62,8 +62,9 @@ def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype:
     computed in fp32."""
     key = (head_dim, theta, positions_BT.device)
     if key not in _INV_FREQ:  # computed as transformers does, so that the angles match to the bit
-        arange = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions_BT.device)
-        _INV_FREQ[key] = 1.0 / (theta ** (arange / head_dim))
+        with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
+            arange = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions_BT.device)
+            _INV_FREQ[key] = 1.0 / (theta ** (arange / head_dim))
     inv_freq = _INV_FREQ[key]
     freqs_BTd = positions_BT[..., None].float() * inv_freq
     emb_B1TD = torch.cat((freqs_BTd, freqs_BTd), dim=-1)[:, None]
@@ -123,11 +124,19 @@ def causal_mask(key_valid_BS: torch.Tensor | None, start: int, T: int, device) -
 
 
 class DbrxNormAttentionNorm(nn.Module):
+    """x + attn(norm_1(x)), and norm_2 of that for the FFN (the grouping is transformers', for its weight names)."""
+
     def __init__(self, config: DbrxConfig, layer_idx: int):
         super().__init__()
+        self.resid_pdrop = config.resid_pdrop
         self.norm_1 = nn.LayerNorm(config.d_model, bias=False)
         self.attn = DbrxAttention(config, layer_idx)
         self.norm_2 = nn.LayerNorm(config.d_model, bias=False)
+
+    def forward(self, x_BTD, cos_sin, mask, cache, start):
+        h_BTD = self.attn(self.norm_1(x_BTD), cos_sin, mask, cache, start)
+        x_BTD = x_BTD + F.dropout(h_BTD, self.resid_pdrop, self.training)
+        return x_BTD, self.norm_2(x_BTD)
 
 
 class DbrxBlock(nn.Module):
@@ -138,11 +147,9 @@ class DbrxBlock(nn.Module):
         self.ffn = DbrxFFN(config)
 
     def forward(self, x_BTD, cos_sin, mask, cache, start):
-        nan = self.norm_attn_norm
-        h = nan.attn(nan.norm_1(x_BTD), cos_sin, mask, cache, start)
-        x_BTD = x_BTD + F.dropout(h, self.resid_pdrop, self.training)
-        h, router_logits = self.ffn(nan.norm_2(x_BTD))
-        return x_BTD + F.dropout(h, self.resid_pdrop, self.training), router_logits
+        x_BTD, h_BTD = self.norm_attn_norm(x_BTD, cos_sin, mask, cache, start)
+        h_BTD, router_logits_NE = self.ffn(h_BTD)
+        return x_BTD + F.dropout(h_BTD, self.resid_pdrop, self.training), router_logits_NE
 
 
 class DbrxModel(nn.Module):
@@ -181,7 +188,7 @@ class DbrxForCausalLM(nn.Module):
             gen = torch.Generator(self.lm_head.weight.device).manual_seed(seed)
         std = self.config.initializer_range
         with torch.no_grad():
-            for name, p in self.named_parameters():
+            for p in self.parameters():
                 if p.ndim == 1:
                     p.fill_(1.0)
                 else:
