@@ -4,6 +4,8 @@
     dbrx init --preset NAME --out DIR                  a randomly initialised checkpoint (HF format + tokenizer)
     dbrx generate --model DIR [options] PROMPT         stream a completion
     dbrx chat --model DIR [--system TEXT]              interactive chat with history
+    dbrx convert text INPUT... --out DIR --concat-tokens N
+    dbrx train CONFIG.yaml [dotted.key=value ...]
 """
 
 from __future__ import annotations
@@ -192,6 +194,32 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": tokenizer.decode(reply)})
 
 
+# ---- convert / train ---------------------------------------------------------------------------------------------
+def cmd_convert_text(args) -> None:
+    from dbrx.data.text import convert_text
+
+    stats = convert_text(args.inputs, args.out, args.concat_tokens, glob=args.glob, text_column=args.text_column,
+                         split=args.split, val_fraction=args.val_fraction, compression=args.compression,
+                         overwrite=args.overwrite, workers=args.workers, seed=args.seed)
+    for s in stats.windows:
+        print(f"{s}: {stats.documents[s]:,} documents, {stats.tokens[s]:,} tokens -> {stats.windows[s]:,} windows "
+              f"of {args.concat_tokens} tokens in {Path(args.out) / s}")
+    if stats.skipped:
+        print(f"skipped {len(stats.skipped)} unreadable input(s), e.g. {'; '.join(stats.skipped[:3])}",
+              file=sys.stderr)
+
+
+def cmd_train(args) -> None:
+    from dbrx.train.config import load_config
+    from dbrx.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg).fit()
+    final = f"; held-out loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
+    print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, last train loss "
+          f"{summary.get('loss', float('nan')):.4f}{final}")
+
+
 # ---- parser ----------------------------------------------------------------------------------------------------
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="a Hugging Face-format DBRX checkpoint directory")
@@ -234,6 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the text to continue")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("convert", help="prepare datasets (MDS) for training",
+                       description="Convert data into MDS shards that `dbrx train` (and MosaicML Streaming) read.")
+    conv = p.add_subparsers(dest="what", required=True, metavar="KIND")
+    c = conv.add_parser("text", help="documents -> windows of N tokens joined by <|endoftext|>",
+                        description="Tokenize documents (directories of text files, JSONL files with a 'text' "
+                                    "field, or a hub/local dataset) into fixed windows of tokens, in MDS.")
+    c.add_argument("inputs", nargs="+", help="directories, .jsonl files, or dataset names/paths")
+    c.add_argument("--out", required=True, type=Path, help="output directory (gets train/ and val/)")
+    c.add_argument("--concat-tokens", required=True, type=int, help="window length in tokens (= max_seq_len)")
+    c.add_argument("--glob", default="*.txt,*.md,*.py", help="file patterns inside directories (comma-separated)")
+    c.add_argument("--text-column", default=None, help="read a datasets dataset and take this column")
+    c.add_argument("--split", default="train", help="dataset split to read with --text-column (default train)")
+    c.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out into val/")
+    c.add_argument("--compression", choices=["zstd"], default=None)
+    c.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores, at most 4)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the train/val draw")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.set_defaults(func=cmd_convert_text)
+
+    p = sub.add_parser("train", help="pretrain or fine-tune from a YAML config (LLM Foundry's keys)",
+                       description="Train from CONFIG.yaml; any key can be overridden as dotted.key=value.")
+    p.add_argument("config", type=Path, help="the run's YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value pairs, e.g. max_duration=20ba")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("chat", help="interactive chat with history",
                        description="Chat with an instruct checkpoint using its ChatML template.")
     _sampling_options(p)
@@ -247,11 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as e:
+        from dbrx.train.trainer import TrainingError
+
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -222,6 +222,24 @@ class DbrxForCausalLM(nn.Module):
         attention_mask [B, start_pos+T] (1 = real token, 0 = padding) covers cached and new slots, as in
         transformers; positions then restart at each row's first real token. `last_only` computes logits for
         the last position only (what generation needs from a prefill)."""
+        x_BTD, router_logits = self.hidden_states(input_ids, attention_mask=attention_mask,
+                                                  position_ids=position_ids, cache=cache, start_pos=start_pos)
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+        logits = self.lm_head(x_BTD)
+        if not output_router_logits:
+            return CausalLMOutput(logits=logits)
+        f = self.config.ffn_config
+        T = input_ids.shape[1]
+        aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k,
+                                  None if attention_mask is None else attention_mask[:, -T:])
+        return CausalLMOutput(logits=logits, aux_loss=aux, router_logits=tuple(router_logits))
+
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      start_pos: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final-norm hidden states [B, T, D] (what lm_head reads) and each layer's router logits.
+        Training computes its loss from these in chunks, never materialising the full logits."""
         B, T = input_ids.shape
         cfg = self.config
         if start_pos + T > cfg.max_seq_len:
@@ -243,16 +261,7 @@ class DbrxForCausalLM(nn.Module):
         for block in self.transformer.blocks:
             x_BTD, logits_NE = block(x_BTD, cos_sin, mask, cache, start_pos)
             router_logits.append(logits_NE)
-        if last_only:
-            x_BTD = x_BTD[:, -1:]
-        logits = self.lm_head(self.transformer.norm_f(x_BTD))
-
-        if not output_router_logits:
-            return CausalLMOutput(logits=logits)
-        f = cfg.ffn_config
-        aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k,
-                                  None if attention_mask is None else attention_mask[:, -T:])
-        return CausalLMOutput(logits=logits, aux_loss=aux, router_logits=tuple(router_logits))
+        return self.transformer.norm_f(x_BTD), router_logits
 
     # ---- sizes ----------------------------------------------------------------------------------------------
     def num_parameters(self, active: bool = False) -> int:

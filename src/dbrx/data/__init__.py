@@ -1,0 +1,1 @@
+"""Data: text corpora, fine-tuning examples, MDS datasets, packing and mixtures."""

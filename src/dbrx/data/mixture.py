@@ -1,0 +1,175 @@
+"""Pretraining batches from a mix of MDS streams whose proportions may change during training (curriculum).
+
+Everything is a pure function of (seed, state): which stream fills each sample slot, and which sample of that
+stream comes next. The state is a small JSON-able dict saved in every checkpoint, so a resumed run sees exactly
+the batches it would have seen.
+
+Within a phase, sample slot j goes to the stream whose share is furthest behind its proportion (largest
+deficit proportion*(j+1) - served), so every prefix of the phase matches the proportions to within one sample.
+Each stream walks a fresh permutation of its samples every epoch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dbrx.data.mds import MDSReader
+from dbrx.train.config import ConfigError, Time
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Stream:
+    name: str
+    reader: MDSReader
+    proportion: float
+
+
+@dataclass
+class Phase:
+    streams: list[Stream]
+    duration: Time | None  # None: the last phase runs until the end of training
+
+    def samples(self) -> int:
+        return sum(len(s.reader) for s in self.streams)
+
+
+def open_streams(dataset: dict, where: str) -> list[Stream]:
+    """`dataset: {local, remote, split}` (one stream) or `dataset: {streams: {name: {local, remote, split,
+    proportion}}}`; proportions are normalised to sum to 1."""
+    split = dataset.get("split")
+    specs = dataset.get("streams") or {"default": {k: dataset.get(k) for k in ("local", "remote")}}
+    streams = []
+    for name, spec in specs.items():
+        local, remote = spec.get("local"), spec.get("remote")
+        if local is None and remote is None:
+            raise ConfigError(f"{where}.streams.{name}: needs 'local' (a directory) or 'remote'")
+        if local is None:  # a local remote needs no cache; a real remote gets one beside the run
+            local = remote if "://" not in str(remote) else str(Path(".cache") / "mds" / name)
+        proportion = spec.get("proportion", 1.0)
+        if proportion <= 0:
+            raise ConfigError(f"{where}.streams.{name}.proportion must be > 0, got {proportion}")
+        try:
+            reader = MDSReader(local, remote=remote if remote != local else None, split=spec.get("split", split))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}.streams.{name}: {e}") from None
+        if len(reader) == 0:
+            raise ConfigError(f"{where}.streams.{name}: the dataset at {local} has no samples")
+        streams.append(Stream(name, reader, float(proportion)))
+    total = sum(s.proportion for s in streams)
+    for s in streams:
+        s.proportion /= total
+    return streams
+
+
+class MixtureLoader:
+    """Global batches of [batch_size, seq_len] token windows (input_ids and labels, unshifted)."""
+
+    def __init__(self, phases: list[Phase], batch_size: int, seq_len: int, seed: int, shuffle: bool = True,
+                 pad_id: int = 0):
+        self.phases, self.batch_size, self.seq_len = phases, batch_size, seq_len
+        self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
+        self._perms: dict[tuple[str, int], np.ndarray] = {}
+        self.state = {"phase": 0, "phase_start_tokens": 0, "tokens": 0, "samples": 0,
+                      "served": {}, "cursor": {}}
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.state["phase"]]
+
+    def phase_end_tokens(self, index: int) -> float | None:
+        phase = self.phases[index]
+        if phase.duration is None:
+            return None
+        if phase.duration.unit == "tok":
+            return phase.duration.value
+        if phase.duration.unit == "ep":
+            return phase.duration.value * phase.samples() * self.seq_len
+        if phase.duration.unit == "sp":
+            return phase.duration.value * self.seq_len
+        return phase.duration.value * self.batch_size * self.seq_len  # "ba"
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def _permutation(self, stream: Stream, epoch: int) -> np.ndarray:
+        key = (stream.name, epoch)
+        if key not in self._perms:
+            n = len(stream.reader)
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, zlib.crc32(stream.name.encode()), epoch])
+                self._perms = {k: v for k, v in self._perms.items() if k[0] != stream.name}  # keep one epoch
+                self._perms[key] = rng.permutation(n)
+            else:
+                self._perms[key] = np.arange(n)
+        return self._perms[key]
+
+    def _next_stream(self) -> Stream:
+        served = self.state["served"]
+        j = sum(served.get(s.name, 0) for s in self.phase.streams)
+        best = max(self.phase.streams, key=lambda s: s.proportion * (j + 1) - served.get(s.name, 0))
+        served[best.name] = served.get(best.name, 0) + 1
+        return best
+
+    def _next_sample(self, stream: Stream) -> np.ndarray:
+        epoch, pos = self.state["cursor"].get(stream.name, (0, 0))
+        perm = self._permutation(stream, epoch)
+        sample = stream.reader[int(perm[pos])]
+        pos += 1
+        if pos == len(perm):
+            epoch, pos = epoch + 1, 0
+        self.state["cursor"][stream.name] = (epoch, pos)
+        if "tokens" in sample:
+            return np.asarray(sample["tokens"])
+        raise ConfigError(f"stream {stream.name!r}: samples need a 'tokens' column (convert text with "
+                          f"`dbrx convert text`), found {sorted(sample)}")
+
+    def next_batch(self) -> dict:
+        end = self.phase_end_tokens(self.state["phase"])
+        if end is not None and self.state["tokens"] - self.state["phase_start_tokens"] >= end:
+            if self.state["phase"] + 1 < len(self.phases):
+                self.state.update(phase=self.state["phase"] + 1, phase_start_tokens=self.state["tokens"], served={})
+        ids = torch.full((self.batch_size, self.seq_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((self.batch_size, self.seq_len), IGNORE_INDEX, dtype=torch.long)
+        names = []
+        for b in range(self.batch_size):
+            stream = self._next_stream()
+            tokens = torch.from_numpy(self._next_sample(stream)[: self.seq_len].astype(np.int64))
+            ids[b, : len(tokens)] = tokens
+            labels[b, : len(tokens)] = tokens
+            names.append(stream.name)
+        self.state["tokens"] += self.batch_size * self.seq_len
+        self.state["samples"] += self.batch_size
+        return {"input_ids": ids, "labels": labels, "streams": names, "phase": self.state["phase"]}
+
+
+def batches_per_epoch(phases: list[Phase], batch_size: int) -> int:
+    return max(1, phases[0].samples() // batch_size)
+
+
+def eval_batches(reader: MDSReader, batch_size: int, seq_len: int, limit: int | None = None, pad_id: int = 0):
+    """The eval set in order, as fixed batches (the last one may be smaller)."""
+    n = len(reader)
+    count = 0
+    for start in range(0, n, batch_size):
+        if limit is not None and count >= limit:
+            return
+        rows = [np.asarray(reader[i]["tokens"])[:seq_len].astype(np.int64) for i in range(start, min(n, start + batch_size))]
+        ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.from_numpy(row)
+            labels[b, : len(row)] = torch.from_numpy(row)
+        count += 1
+        yield {"input_ids": ids, "labels": labels}

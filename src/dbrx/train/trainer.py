@@ -1,0 +1,484 @@
+"""The training loop behind `dbrx train`: next-token prediction (plus the load-balancing loss) on a mix of MDS
+streams, with checkpoints that resume exactly.
+
+A step: draw the global batch -> for each micro-batch, forward under the configured precision and backward of
+(sum of token losses / tokens in the whole batch + moe_loss_weight * load-balancing loss * micro-batch share)
+-> clip the gradient norm -> AdamW -> schedule. Dividing by the whole batch's token count makes gradient
+accumulation give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dbrx.checkpoint import CheckpointError
+from dbrx.config import DbrxConfig
+from dbrx.data.mds import MDSReader
+from dbrx.data.mixture import MixtureLoader, Phase, batches_per_epoch, eval_batches, open_streams
+from dbrx.fileio import atomic_path, atomic_write_text
+from dbrx.model import DbrxForCausalLM
+from dbrx.moe import load_balancing_loss
+from dbrx.perf import matmul_flops
+from dbrx.train.config import ConfigError, Time
+from dbrx.train.loss import chunked_cross_entropy_sum
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (a non-finite loss, say); the message says what and where to resume from."""
+
+
+# ---- building blocks ---------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> DbrxForCausalLM:
+    """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`."""
+    model_cfg = dict(model_cfg)
+    pretrained, preset = model_cfg.pop("pretrained", None), model_cfg.pop("preset", None)
+    model_cfg.pop("name", None)  # LLM Foundry names the model class here; there is only one
+    if pretrained is not None:
+        if model_cfg or preset:
+            raise ConfigError("model.pretrained loads a checkpoint as it is; drop the other model keys "
+                              f"({', '.join(sorted(model_cfg) + (['preset'] if preset else []))})")
+        try:
+            model = DbrxForCausalLM.from_pretrained(pretrained, dtype=torch.float32, device=device)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.pretrained: {e}") from None
+    else:
+        try:
+            base = DbrxConfig.from_name(preset) if preset else DbrxConfig()
+            config = base.replace(**model_cfg)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+        with torch.device(device):
+            model = DbrxForCausalLM(config)
+    if max_seq_len > model.config.max_seq_len:
+        raise ConfigError(f"max_seq_len ({max_seq_len}) exceeds the model's max_seq_len "
+                          f"({model.config.max_seq_len}); set model.max_seq_len")
+    return model.train()
+
+
+def build_optimizer(model: torch.nn.Module, opt: dict) -> torch.optim.Optimizer:
+    lr, wd = float(opt["lr"]), float(opt.get("weight_decay", 0.0))
+    if opt["name"] == "decoupled_adamw" and lr > 0:
+        # Composer's DecoupledAdamW decays by weight_decay * lr / initial_lr; torch's AdamW by lr * weight_decay.
+        wd = wd / lr
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))),
+                             eps=float(opt.get("eps", 1e-8)), weight_decay=wd, foreach=True)
+
+
+def lr_multiplier(name: str, warmup: int, total: int, alpha_f: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if name == "constant_with_warmup":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if name == "linear_decay_with_warmup":
+            return 1.0 + (alpha_f - 1.0) * frac
+        return alpha_f + (1.0 - alpha_f) * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine_with_warmup
+    return f
+
+
+def expert_shares(router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> tuple[float, float]:
+    """The busiest and idlest expert's share of routed token copies, over all layers."""
+    with torch.no_grad():
+        chosen = torch.cat([lg.topk(top_k, dim=-1).indices.reshape(-1) for lg in router_logits])
+        counts = torch.bincount(chosen, minlength=num_experts).float()
+        share = counts / counts.sum()
+    return share.max().item(), share.min().item()
+
+
+def _rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+             "python": json.loads(json.dumps(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: dict, log=print):
+        self.cfg, self.log = cfg, log
+        torch.manual_seed(cfg["seed"])
+        random.seed(cfg["seed"])
+        self.device = resolve_device(cfg["device"])
+        self.seq_len = cfg["max_seq_len"]
+        self.batch_size = cfg["global_train_batch_size"]
+        self.micro = cfg["device_train_microbatch_size"]
+        self.amp = cfg["precision"] == "amp_bf16"
+        self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
+
+        self.model = build_model(cfg["model"], self.seq_len, self.device)
+        self.loader = self._build_loader()
+        self.eval_reader = self._build_eval_reader()
+
+        per_epoch = batches_per_epoch(self.loader.phases, self.batch_size)
+        self.max_steps = self._to_batches(Time.parse(cfg["max_duration"], "max_duration"), per_epoch)
+        self.eval_every = self._to_batches(Time.parse(cfg["eval_interval"], "eval_interval"), per_epoch)
+        self.save_every = (self._to_batches(Time.parse(cfg["save_interval"], "save_interval"), per_epoch)
+                           if cfg.get("save_interval") else None)
+        self.log_every = self._to_batches(Time.parse(cfg["console_log_interval"], "console_log_interval"), per_epoch)
+        sched = cfg["scheduler"]
+        warmup = self._to_batches(Time.parse(sched.get("t_warmup", "0ba"), "scheduler.t_warmup"), per_epoch)
+
+        self.optimizer = build_optimizer(self.model, cfg["optimizer"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(sched["name"], warmup, self.max_steps, float(sched.get("alpha_f", 0.0))))
+        clip = cfg["algorithms"].get("gradient_clipping") or {}
+        self.clip_norm = float(clip.get("clipping_threshold", 1.0)) if clip else None
+
+        self.step, self.metrics_rows = 0, []
+        self.tb = self._tensorboard()
+        mc = self.model.config
+        self.embedding_params = mc.vocab_size * mc.d_model
+        active = self.model.num_parameters(active=True) - self.embedding_params
+        self.flops_per_token = 6 * active + 12 * mc.n_layers * mc.d_model * self.seq_len
+        self.peak_flops = matmul_flops(dtype=torch.bfloat16 if self.amp else torch.float32, device=self.device)
+
+    # ---- construction helpers ---------------------------------------------------------------------------------
+    def _to_batches(self, t: Time, per_epoch: int) -> int:
+        per_batch = self.batch_size * self.seq_len
+        if t.unit == "ba":
+            n = t.value
+        elif t.unit == "ep":
+            n = t.value * per_epoch
+        elif t.unit == "sp":
+            n = t.value / self.batch_size
+        else:
+            n = t.value / per_batch
+        return max(1, math.ceil(n))
+
+    def _build_loader(self) -> MixtureLoader:
+        tl = self.cfg["train_loader"]
+        if tl.get("name", "text") != "text":
+            raise ConfigError(f"train_loader.name {tl['name']!r} is not supported yet; use 'text'")
+        dataset = tl.get("dataset") or {}
+        phases = [Phase(open_streams(dataset, "train_loader.dataset"), None)]
+        curriculum = (self.cfg.get("callbacks") or {}).get("curriculum_learning")
+        if curriculum:
+            phases[0].duration = Time.parse(curriculum["duration"], "callbacks.curriculum_learning.duration")
+            for i, entry in enumerate(curriculum.get("schedule") or []):
+                where = f"callbacks.curriculum_learning.schedule[{i}]"
+                if not isinstance(entry, dict) or "duration" not in entry:
+                    raise ConfigError(f"{where}: expected {{duration, dataset: {{streams: ...}}}}")
+                ds = entry.get("dataset") or (entry.get("train_loader") or {}).get("dataset")
+                if not ds:
+                    raise ConfigError(f"{where}: needs a 'dataset' (or 'train_loader.dataset') with its streams")
+                phases.append(Phase(open_streams(ds, f"{where}.dataset"), Time.parse(entry["duration"], where)))
+            phases[-1].duration = None
+        return MixtureLoader(phases, self.batch_size, self.seq_len, seed=self.cfg["seed"],
+                             shuffle=dataset.get("shuffle", True))
+
+    def _build_eval_reader(self) -> MDSReader | None:
+        el = self.cfg.get("eval_loader")
+        if not el:
+            return None
+        streams = open_streams(el.get("dataset") or {}, "eval_loader.dataset")
+        if len(streams) != 1:
+            raise ConfigError("eval_loader.dataset: give one dataset (local/remote/split), not streams")
+        return streams[0].reader
+
+    def _tensorboard(self):
+        tb = (self.cfg.get("loggers") or {}).get("tensorboard")
+        if tb is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("loggers.tensorboard needs the tensorboard package: pip install tensorboard") from None
+        log_dir = tb.get("log_dir") or (self.save_folder / "tensorboard" if self.save_folder else "runs/tensorboard")
+        return SummaryWriter(log_dir=str(log_dir))
+
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def micro_batch_loss(self, input_ids, labels):
+        """(sum of token losses, tokens counted, load-balancing loss, router logits) for one micro-batch."""
+        with self._autocast():
+            h, router_logits = self.model.hidden_states(input_ids)
+            loss_sum = chunked_cross_entropy_sum(
+                h, self.model.lm_head.weight, labels,
+                compute_dtype=torch.bfloat16 if self.amp else self.model.lm_head.weight.dtype)
+        f = self.model.config.ffn_config
+        aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k)
+        return loss_sum, aux, router_logits
+
+    def train_step(self, batch: dict) -> dict:
+        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        n_tokens = int((labels[:, 1:] != -100).sum())
+        weight = self.model.config.ffn_config.moe_loss_weight
+        loss_total, aux_total = 0.0, 0.0
+        for start in range(0, ids.shape[0], self.micro):
+            mb_ids, mb_labels = ids[start:start + self.micro], labels[start:start + self.micro]
+            share = mb_ids.shape[0] / ids.shape[0]
+            loss_sum, aux, router_logits = self.micro_batch_loss(mb_ids, mb_labels)
+            if not (torch.isfinite(loss_sum) and torch.isfinite(aux)):
+                raise TrainingError(self._nonfinite_message(loss_sum, aux))
+            (loss_sum / max(1, n_tokens) + weight * aux * share).backward()
+            loss_total += loss_sum.item()
+            aux_total += aux.item() * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.clip_norm if self.clip_norm else float("inf")).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {self.step + 1}. " + self._resume_hint())
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        top, low = expert_shares(router_logits, self.model.config.top_k, self.model.config.num_experts)
+        return {"loss": loss_total / max(1, n_tokens), "lb_loss": aux_total, "lr": lr, "grad_norm": grad_norm,
+                "expert_share_max": top, "expert_share_min": low}
+
+    def _resume_hint(self) -> str:
+        newest = self.newest_checkpoint()
+        return (f"The last good checkpoint is {newest}; lower the learning rate or check the data, then resume "
+                f"with autoresume: true." if newest else "No checkpoint was written before this step.")
+
+    def _nonfinite_message(self, loss_sum, aux) -> str:
+        return (f"non-finite loss at step {self.step + 1} (cross-entropy sum {loss_sum.item()}, load-balancing "
+                f"{aux.item()}); stopped before updating the weights. " + self._resume_hint())
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.eval_reader is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        limit = self.cfg.get("eval_subset_num_batches")
+        for batch in eval_batches(self.eval_reader, self.cfg["device_eval_batch_size"], self.seq_len, limit):
+            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            loss_sum, _, _ = self.micro_batch_loss(ids, labels)
+            total += loss_sum.item()
+            count += int((labels[:, 1:] != -100).sum())
+        self.model.train()
+        return total / max(1, count)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_dir(self) -> Path:
+        return self.save_folder / CHECKPOINTS
+
+    def newest_checkpoint(self) -> Path | None:
+        if self.save_folder is None or not self.checkpoint_dir().exists():
+            return None
+        done = sorted(p for p in self.checkpoint_dir().glob("ba*") if (p / "trainer_state.json").exists())
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path:
+        final = self.checkpoint_dir() / f"ba{self.step:08d}"
+        tmp = self.checkpoint_dir() / f".ba{self.step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
+                  tmp / "model.safetensors")
+        opt = self.optimizer.state_dict()
+        tensors = {f"{i}.{name}": t.detach().contiguous().cpu()
+                   for i, st in opt["state"].items() for name, t in st.items() if torch.is_tensor(t)}
+        save_file(tensors, tmp / "optimizer.safetensors")
+        state = {
+            "step": self.step,
+            "scheduler_last_epoch": self.scheduler.last_epoch,
+            "optimizer_param_groups": opt["param_groups"],
+            "data": self.loader.state_dict(),
+            "rng": _rng_state(),
+            "run": {"max_steps": self.max_steps, "seq_len": self.seq_len, "batch_size": self.batch_size},
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint exists only once it is complete
+        keep = self.cfg.get("save_num_checkpoints_to_keep", -1)
+        if keep and keep > 0:
+            done = sorted(p for p in self.checkpoint_dir().glob("ba*") if p.is_dir())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.export_hf()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["run"]["seq_len"] != self.seq_len or state["run"]["batch_size"] != self.batch_size:
+            raise ConfigError(f"{path}: written with max_seq_len {state['run']['seq_len']} and batch size "
+                              f"{state['run']['batch_size']}; this run has {self.seq_len} and {self.batch_size}")
+        weights = load_file(path / "model.safetensors", device=str(self.device))
+        self.model.load_state_dict(weights)
+        flat = load_file(path / "optimizer.safetensors", device=str(self.device))
+        opt_state: dict = {}
+        for key, t in flat.items():
+            idx, name = key.split(".", 1)
+            opt_state.setdefault(int(idx), {})[name] = t
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
+        self.scheduler.last_epoch = state["scheduler_last_epoch"]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.loader.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def export_hf(self) -> None:
+        """The newest model in Hugging Face format at SAVE_FOLDER/hf (swapped in whole when complete)."""
+        from dbrx.tokenizer import Tokenizer
+
+        final, tmp = self.save_folder / "hf", self.save_folder / ".hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        Tokenizer().save_pretrained(tmp)
+        old = self.save_folder / ".hf.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    # ---- logging ----------------------------------------------------------------------------------------------
+    def _metrics_path(self) -> Path | None:
+        return self.save_folder / "metrics.jsonl" if self.save_folder else None
+
+    def _record(self, row: dict) -> None:
+        self.metrics_rows.append(row)
+        path = self._metrics_path()
+        if path:
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for key, value in row.items():
+                if key not in ("step", "tokens") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def _reload_metrics(self) -> None:
+        """After a resume: keep the rows up to the checkpoint's step (a killed run may have logged past it)."""
+        path = self._metrics_path()
+        if not path or not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.metrics_rows = [r for r in rows if r["step"] <= self.step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.metrics_rows))
+
+    def plot(self) -> None:
+        if not self.save_folder:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["tokens"], r["loss"]) for r in self.metrics_rows if "loss" in r]
+        evals = [(r["tokens"], r["eval_loss"]) for r in self.metrics_rows if "eval_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1.2)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="held-out", lw=1.5)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(self.cfg.get("run_name") or "dbrx training")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(self.save_folder / "loss.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        if self.save_folder:
+            self.save_folder.mkdir(parents=True, exist_ok=True)
+            newest = self.newest_checkpoint()
+            if newest and not self.cfg["autoresume"]:
+                raise ConfigError(f"{self.save_folder} already holds checkpoints (newest {newest.name}); set "
+                                  "autoresume: true to continue that run, or use another save_folder")
+            if newest:
+                self.load_checkpoint(newest)
+                self._reload_metrics()
+                self.log(f"resumed from {newest} at step {self.step}")
+            elif self._metrics_path().exists():
+                self._metrics_path().unlink()
+        mc = self.model.config
+        self.log(f"model: {self.model.num_parameters():,} parameters, {self.model.num_parameters(active=True):,} "
+                 f"active; {mc.num_experts} experts top {mc.top_k}; tokens/step {self.batch_size * self.seq_len:,} "
+                 f"({self.batch_size // self.micro} micro-batch(es) of {self.micro}); {self.max_steps} steps; "
+                 f"precision {self.cfg['precision']}; matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s "
+                 f"on {self.device}")
+        if self.cfg["eval_first"] and self.step == 0:
+            self._eval_and_record()
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.cfg["progress_bar"], unit="ba",
+                   dynamic_ncols=True, file=sys.stderr)
+        window_t, window_tokens = time.perf_counter(), 0
+        last = {}
+        while self.step < self.max_steps:
+            batch = self.loader.next_batch()
+            last = self.train_step(batch)
+            window_tokens += batch["input_ids"].numel()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if self.step % self.log_every == 0 or self.step == self.max_steps:
+                seconds = time.perf_counter() - window_t
+                tps = window_tokens / max(seconds, 1e-9)
+                row = {"step": self.step, "tokens": self.loader.state["tokens"], **last, "tokens_per_s": tps,
+                       "mfu": tps * self.flops_per_token / self.peak_flops, "phase": batch["phase"]}
+                self._record(row)
+                bar.write(f"step {self.step}/{self.max_steps} | loss {row['loss']:.4f} | lb {row['lb_loss']:.3f} | "
+                          f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | {tps:,.0f} tok/s | "
+                          f"MFU {row['mfu']:.1%} | experts max {row['expert_share_max']:.1%} "
+                          f"min {row['expert_share_min']:.1%}")
+                window_t, window_tokens = time.perf_counter(), 0
+            paused = time.perf_counter()
+            if self.eval_reader is not None and (self.step % self.eval_every == 0 or self.step == self.max_steps):
+                self._eval_and_record(bar.write)
+            if self.save_folder and self.save_every and (self.step % self.save_every == 0
+                                                         or self.step == self.max_steps):
+                path = self.save_checkpoint()
+                bar.write(f"saved {path}")
+            window_t += time.perf_counter() - paused  # throughput counts training time only
+        bar.close()
+        if self.save_folder:
+            if not self.save_every:
+                self.export_hf()
+            self.plot()
+        if self.tb:
+            self.tb.close()
+        return {"step": self.step, "tokens": self.loader.state["tokens"], **last,
+                "eval_loss": next((r["eval_loss"] for r in reversed(self.metrics_rows) if "eval_loss" in r), None)}
+
+    def _eval_and_record(self, write=None) -> None:
+        t0 = time.perf_counter()
+        loss = self.evaluate()
+        if loss is None:
+            return
+        self._record({"step": self.step, "tokens": self.loader.state["tokens"], "eval_loss": loss})
+        (write or self.log)(f"eval at step {self.step}: held-out loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)")
+        self.plot()
