@@ -199,7 +199,8 @@ def cmd_convert_text(args) -> None:
     from dbrx.data.text import convert_text
 
     stats = convert_text(args.inputs, args.out, args.concat_tokens, glob=args.glob, text_column=args.text_column,
-                         split=args.split, val_fraction=args.val_fraction, compression=args.compression,
+                         split=args.split, exclude=args.exclude, val_fraction=args.val_fraction,
+                         compression=args.compression,
                          overwrite=args.overwrite, workers=args.workers, seed=args.seed)
     for s in stats.windows:
         print(f"{s}: {stats.documents[s]:,} documents, {stats.tokens[s]:,} tokens -> {stats.windows[s]:,} windows "
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, type=Path, help="output directory (gets train/ and val/)")
     c.add_argument("--concat-tokens", required=True, type=int, help="window length in tokens (= max_seq_len)")
     c.add_argument("--glob", default="*.txt,*.md,*.py", help="file patterns inside directories (comma-separated)")
+    c.add_argument("--exclude", default="", help="skip files under directories/names matching these patterns "
+                                                  "(comma-separated, e.g. 'site-packages,test')")
     c.add_argument("--text-column", default=None, help="read a datasets dataset and take this column")
     c.add_argument("--split", default="train", help="dataset split to read with --text-column (default train)")
     c.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out into val/")

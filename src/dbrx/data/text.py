@@ -32,13 +32,19 @@ class ConvertStats:
 
 
 def iter_documents(inputs: list[str], glob: str = DEFAULT_GLOB, text_column: str | None = None,
-                   split: str = "train", skipped: list | None = None) -> Iterator[tuple[str, str]]:
-    """(source, text) for every document of every input, in a stable order."""
+                   split: str = "train", skipped: list | None = None,
+                   exclude: str = "") -> Iterator[tuple[str, str]]:
+    """(source, text) for every document of every input, in a stable order. `exclude` drops files with any path
+    component (below the input directory) matching one of its comma-separated patterns."""
     patterns = [p.strip() for p in glob.split(",") if p.strip()]
+    excluded = [p.strip() for p in exclude.split(",") if p.strip()]
     for item in inputs:
         path = Path(item)
         if path.is_dir() and text_column is None:
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                parts = file.relative_to(path).parts
+                if any(fnmatch.fnmatch(part, pat) for part in parts for pat in excluded):
+                    continue
                 if any(fnmatch.fnmatch(file.name, pat) for pat in patterns):
                     try:
                         yield str(file), file.read_text(encoding="utf-8")
@@ -94,7 +100,7 @@ def is_validation(source: str, val_fraction: float, seed: int) -> bool:
 
 
 def convert_text(inputs: list[str], out: str | Path, concat_tokens: int, *, glob: str = DEFAULT_GLOB,
-                 text_column: str | None = None, split: str = "train", val_fraction: float = 0.0,
+                 text_column: str | None = None, split: str = "train", exclude: str = "", val_fraction: float = 0.0,
                  compression: str | None = None, overwrite: bool = False, workers: int | None = None,
                  seed: int = 0, eos_id: int = 100257, progress: bool = True) -> ConvertStats:
     out = Path(out)
@@ -103,7 +109,8 @@ def convert_text(inputs: list[str], out: str | Path, concat_tokens: int, *, glob
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     for item in inputs:
-        if not Path(item).exists() and text_column is None and "/" not in item:
+        looks_local = item.startswith(("/", ".", "~")) or item.count("/") != 1  # hub names are "org/name"
+        if not Path(item).exists() and looks_local:
             raise FileNotFoundError(f"{item}: no such file or directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -113,7 +120,7 @@ def convert_text(inputs: list[str], out: str | Path, concat_tokens: int, *, glob
     from tqdm import tqdm
 
     skipped: list[str] = []
-    docs = iter_documents(inputs, glob, text_column, split, skipped)
+    docs = iter_documents(inputs, glob, text_column, split, skipped, exclude)
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
     writers = {s: MDSWriter(out / s, {"tokens": "ndarray:int32"}, compression=compression) for s in splits}
     buffers = {s: [] for s in splits}

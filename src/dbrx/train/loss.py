@@ -23,25 +23,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 softmax for bf16/fp16 matmuls
             total = torch.zeros((), dtype=acc, device=h_ND.device)
             grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if need_h else None
-            grad_w = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device) if need_w else None
+            # grad_w is accumulated transposed, [D, V]: h.T @ dlogits runs about 2.5x faster on CPU than
+            # dlogits.T @ h, and its transpose has lm_head's own column-major layout.
+            grad_w_DV = torch.zeros(w_VD.shape[::-1], dtype=acc, device=w_VD.device) if need_w else None
             for start in range(0, h_ND.shape[0], chunk_rows):
                 h = h_ND[start:start + chunk_rows].to(compute_dtype)
                 y = labels_N[start:start + chunk_rows]
                 valid = y != IGNORE_INDEX
                 y_safe = torch.where(valid, y, 0)
-                logits_nV = (h @ w.T).to(acc)
-                lse_n = logits_nV.logsumexp(dim=-1)
-                target_n = logits_nV.gather(1, y_safe[:, None])[:, 0]
-                total += ((lse_n - target_n) * valid).sum()
+                # The [rows, 100k] passes over memory, not the matmuls, are what a CPU step spends time on here:
+                # converting first and then running the fp32 kernel beats log_softmax(bf16, dtype=fp32).
+                logp_nV = torch.log_softmax((h @ w.T).to(acc), dim=-1)
+                total -= (logp_nV.gather(1, y_safe[:, None])[:, 0] * valid).sum()
                 if need_h or need_w:
-                    probs_nV = logits_nV.sub_(lse_n[:, None]).exp_()  # softmax, in the logits' memory
-                    probs_nV[torch.arange(len(y), device=y.device), y_safe] -= 1.0
-                    dlogits_nV = (probs_nV * valid[:, None]).to(compute_dtype)
+                    dlogits_nV = logp_nV.exp_()  # softmax, in place
+                    dlogits_nV[torch.arange(len(y), device=y.device), y_safe] -= 1.0
+                    if not bool(valid.all()):
+                        dlogits_nV.mul_(valid[:, None])
+                    dlogits_nV = dlogits_nV.to(compute_dtype)
                     if need_h:
                         grad_h[start:start + chunk_rows] = dlogits_nV @ w
                     if need_w:
-                        grad_w += (dlogits_nV.T @ h).to(acc)
-        ctx.save_for_backward(grad_h, grad_w)
+                        grad_w_DV += (h.T @ dlogits_nV).to(acc)
+        ctx.save_for_backward(grad_h, None if grad_w_DV is None else grad_w_DV.t())
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
         return total
 

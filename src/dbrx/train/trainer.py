@@ -157,7 +157,7 @@ class Trainer:
         clip = cfg["algorithms"].get("gradient_clipping") or {}
         self.clip_norm = float(clip.get("clipping_threshold", 1.0)) if clip else None
 
-        self.step, self.metrics_rows = 0, []
+        self.step, self.metrics_rows, self._started = 0, [], False
         self.tb = self._tensorboard()
         mc = self.model.config
         self.embedding_params = mc.vocab_size * mc.d_model
@@ -236,7 +236,9 @@ class Trainer:
         aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k)
         return loss_sum, aux, router_logits
 
-    def train_step(self, batch: dict) -> dict:
+    def backward_batch(self, batch: dict) -> tuple[float, float, list[torch.Tensor]]:
+        """Accumulate the global batch's gradient over micro-batches; returns (mean token loss, load-balancing
+        loss, the last micro-batch's router logits)."""
         ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         n_tokens = int((labels[:, 1:] != -100).sum())
         weight = self.model.config.ffn_config.moe_loss_weight
@@ -250,6 +252,10 @@ class Trainer:
             (loss_sum / max(1, n_tokens) + weight * aux * share).backward()
             loss_total += loss_sum.item()
             aux_total += aux.item() * share
+        return loss_total / max(1, n_tokens), aux_total, router_logits
+
+    def train_step(self, batch: dict) -> dict:
+        loss, aux, router_logits = self.backward_batch(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.clip_norm if self.clip_norm else float("inf")).item()
         if not math.isfinite(grad_norm):
@@ -260,7 +266,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         top, low = expert_shares(router_logits, self.model.config.top_k, self.model.config.num_experts)
-        return {"loss": loss_total / max(1, n_tokens), "lb_loss": aux_total, "lr": lr, "grad_norm": grad_norm,
+        return {"loss": loss, "lb_loss": aux, "lr": lr, "grad_norm": grad_norm,
                 "expert_share_max": top, "expert_share_min": low}
 
     def _resume_hint(self) -> str:
@@ -412,12 +418,22 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to max_steps (continuing from where this trainer, or the newest checkpoint, stands)."""
+        if not self._started:
+            self._start()
+        return self._loop()
+
+    def _start(self) -> None:
+        self._started = True
         if self.save_folder:
+            if self.cfg.get("save_overwrite") and not self.cfg["autoresume"] and self.save_folder.exists():
+                shutil.rmtree(self.save_folder)  # asked for: start this run afresh in the same folder
             self.save_folder.mkdir(parents=True, exist_ok=True)
             newest = self.newest_checkpoint()
             if newest and not self.cfg["autoresume"]:
                 raise ConfigError(f"{self.save_folder} already holds checkpoints (newest {newest.name}); set "
-                                  "autoresume: true to continue that run, or use another save_folder")
+                                  "autoresume: true to continue that run, save_overwrite: true to start over, "
+                                  "or use another save_folder")
             if newest:
                 self.load_checkpoint(newest)
                 self._reload_metrics()
@@ -433,6 +449,7 @@ class Trainer:
         if self.cfg["eval_first"] and self.step == 0:
             self._eval_and_record()
 
+    def _loop(self) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.cfg["progress_bar"], unit="ba",

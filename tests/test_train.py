@@ -1,0 +1,253 @@
+"""The training engine: config validation, data mixes and curricula, the step's math, checkpoints that resume
+exactly (also after SIGKILL), and what a run writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dbrx import DbrxForCausalLM
+from dbrx.data.mds import MDSReader, MDSWriter
+from dbrx.data.mixture import MixtureLoader, Phase, Stream
+from dbrx.train.config import ConfigError, Time, load_config
+from dbrx.train.loss import chunked_cross_entropy_sum, shift_labels
+from dbrx.train.trainer import Trainer, TrainingError
+
+VOCAB, SEQ = 512, 32
+TINY_MODEL = {"preset": "dbrx-tiny", "d_model": 32, "n_heads": 2, "n_layers": 2, "vocab_size": VOCAB,
+              "max_seq_len": 64, "attn_config": {"kv_n_heads": 1}, "ffn_config": {"ffn_hidden_size": 24}}
+
+
+def write_tokens(path: Path, n: int, offset: int = 0, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with MDSWriter(path, {"tokens": "ndarray:int32"}) as w:
+        for i in range(n):
+            # A learnable pattern (arithmetic runs) so that the loss can fall.
+            start = int(rng.integers(0, VOCAB - SEQ))
+            w.write({"tokens": ((np.arange(SEQ) + start + offset) % VOCAB).astype(np.int32)})
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_tokens(tmp_path / "data" / "train", 96, seed=1)
+    write_tokens(tmp_path / "data" / "val", 16, seed=2)
+    write_tokens(tmp_path / "code" / "train", 64, offset=7, seed=3)
+    return tmp_path
+
+
+def run_config(data_root: Path, save: Path, **extra) -> dict:
+    cfg = {
+        "seed": 3, "max_seq_len": SEQ, "model": dict(TINY_MODEL),
+        "train_loader": {"name": "text", "dataset": {"local": str(data_root / "data"), "split": "train"}},
+        "eval_loader": {"name": "text", "dataset": {"local": str(data_root / "data"), "split": "val"}},
+        "optimizer": {"name": "decoupled_adamw", "lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-5},
+        "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
+        "max_duration": "8ba", "eval_interval": "4ba", "save_interval": "2ba",
+        "global_train_batch_size": 8, "device_train_microbatch_size": 4, "save_folder": str(save),
+        "console_log_interval": "1ba", "progress_bar": False, "device": "cpu",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+def test_config_errors_name_the_key(tmp_path, data):
+    base = run_config(data, tmp_path / "run")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base))
+    assert load_config(path)["precision"] == "fp32"  # defaults filled in
+    with pytest.raises(ConfigError, match="unknown key 'max_durration'.*'max_duration'"):
+        load_config(path, ["max_durration=3ba"])
+    with pytest.raises(ConfigError, match="unknown key 'optimizer.learning_rate'"):
+        load_config(path, ["optimizer.learning_rate=1"])
+    with pytest.raises(ConfigError, match="max_duration: '10 minutes' is not a duration"):
+        load_config(path, ["max_duration=10 minutes"])
+    with pytest.raises(ConfigError, match="global_train_batch_size: expected an integer"):
+        load_config(path, ["global_train_batch_size=eight"])
+    with pytest.raises(ConfigError, match="precision: 'fp8' is not one of"):
+        load_config(path, ["precision=fp8"])
+    with pytest.raises(ConfigError, match="multiple of device_train_microbatch_size"):
+        load_config(path, ["device_train_microbatch_size=3"])
+    assert load_config(path, ["max_duration=20ba", "optimizer.lr=0.01"])["optimizer"]["lr"] == 0.01
+
+
+def test_time_strings():
+    assert Time.parse("2000ba") == Time(2000, "ba") and Time.parse("10Mtok") == Time(10_000_000, "tok")
+    assert Time.parse("1ep") == Time(1, "ep") and Time.parse(5) == Time(5, "ba")
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+def _streams(data, pa=0.7, pb=0.3):
+    return [Stream("a", MDSReader(data / "data", split="train"), pa),
+            Stream("b", MDSReader(data / "code", split="train"), pb)]
+
+
+def test_mix_matches_proportions_within_5_percent(data):
+    loader = MixtureLoader([Phase(_streams(data), None)], batch_size=8, seq_len=SEQ, seed=0)
+    names = [n for _ in range(40) for n in loader.next_batch()["streams"]]
+    assert abs(names.count("a") / len(names) - 0.7) < 0.05
+    assert abs(names.count("b") / len(names) - 0.3) < 0.05
+
+
+def test_curriculum_switches_at_the_boundary_and_resumes(data):
+    def make():
+        first = Phase([_streams(data)[0]], Time(8 * SEQ * 3, "tok"))  # 3 batches of stream a
+        return MixtureLoader([first, Phase([_streams(data)[1]], None)], batch_size=8, seq_len=SEQ, seed=5)
+
+    loader = make()
+    batches = [loader.next_batch() for _ in range(3)]
+    assert all(set(b["streams"]) == {"a"} for b in batches)
+    state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint holds
+    after = [loader.next_batch() for _ in range(4)]
+    assert all(set(b["streams"]) == {"b"} and b["phase"] == 1 for b in after)
+    resumed = make()
+    resumed.load_state_dict(state)
+    again = [resumed.next_batch() for _ in range(4)]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(after, again))
+
+
+# ---- the step ---------------------------------------------------------------------------------------------------
+def test_chunked_loss_equals_cross_entropy_and_never_holds_full_logits(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 10, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (3, 10), generator=g)
+    labels[1, 4:] = -100
+    rows = []
+    real = torch.log_softmax
+    monkeypatch.setattr(torch, "log_softmax", lambda x, *a, **k: (rows.append(x.shape[0]), real(x, *a, **k))[1])
+    got = chunked_cross_entropy_sum(h, w, labels, chunk_rows=7)
+    got.backward()
+    assert max(rows) == 7  # 30 positions, never more than one chunk of logits at a time
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy((h @ w.T).reshape(-1, 300), shift_labels(labels).reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
+    """Token losses are divided by the whole batch's token count, so micro-batching leaves the cross-entropy
+    gradient unchanged. (The load-balancing loss is a product of per-batch means, computed per micro-batch as
+    LLM Foundry does, so it is switched off here.)"""
+    results = []
+    model = dict(TINY_MODEL, ffn_config={"ffn_hidden_size": 24, "moe_loss_weight": 0.0})
+    for micro in (8, 2):
+        cfg = run_config(data, tmp_path, save_folder=None, device_train_microbatch_size=micro, model=model)
+        trainer = Trainer(load_config(None, base=cfg), log=lambda *_: None)
+        loss, aux, _ = trainer.backward_batch(trainer.loader.next_batch())
+        results.append((loss, aux, [p.grad.clone() for p in trainer.model.parameters()]))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# ---- runs -------------------------------------------------------------------------------------------------------
+def test_a_run_learns_and_writes_metrics_plot_checkpoints_and_hf_export(data, tmp_path):
+    save = tmp_path / "run"
+    summary = Trainer(load_config(None, base=run_config(data, save, max_duration="16ba")), log=lambda *_: None).fit()
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    assert {"step", "tokens", "loss", "lr", "lb_loss", "grad_norm", "tokens_per_s", "mfu", "expert_share_max",
+            "expert_share_min"} <= set(train[0])
+    assert train[-1]["tokens"] == 16 * 8 * SEQ
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert any("eval_loss" in r for r in rows) and summary["eval_loss"] is not None
+    assert (save / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (save / "checkpoints").iterdir()) == [f"ba{i:08d}" for i in (2, 4, 6, 8, 10, 12, 14, 16)]
+    # The export loads here and in transformers, with the same logits.
+    import transformers
+
+    ours = DbrxForCausalLM.from_pretrained(save / "hf")
+    hf = transformers.DbrxForCausalLM.from_pretrained(save / "hf").eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4
+    assert (save / "hf" / "tokenizer.json").exists()
+
+
+def test_existing_checkpoints_need_autoresume(data, tmp_path):
+    cfg = run_config(data, tmp_path / "run", max_duration="2ba")
+    Trainer(load_config(None, base=cfg), log=lambda *_: None).fit()
+    with pytest.raises(ConfigError, match="autoresume"):
+        Trainer(load_config(None, base=cfg), log=lambda *_: None).fit()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    cfg = load_config(None, base=run_config(data, tmp_path / "run", max_duration="4ba"))
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.max_steps = 2
+    trainer.fit()
+    good = trainer.newest_checkpoint()
+    with torch.no_grad():
+        trainer.model.transformer.blocks[0].norm_attn_norm.attn.Wqkv.weight.fill_(float("nan"))
+    trainer.max_steps = 4
+    with pytest.raises(TrainingError, match=f"non-finite loss at step 3.*{good.name}"):
+        trainer.fit()
+    assert trainer.newest_checkpoint() == good
+    DbrxForCausalLM.from_pretrained(tmp_path / "run" / "hf")  # the export of the good step is intact
+
+
+def _launch(config_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dbrx.cli", "train", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_autoresume_equals_an_uninterrupted_run(data, tmp_path):
+    def write(name, **extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(run_config(data, tmp_path / name, max_duration="12ba", autoresume=True,
+                                                  eval_interval="6ba", **extra)))
+        return path
+
+    straight = _launch(write("straight"))
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+
+    killed_cfg = write("killed")
+    proc = _launch(killed_cfg)
+    ckpt = tmp_path / "killed" / "checkpoints" / "ba00000004"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    assert not (tmp_path / "killed" / "checkpoints" / "ba00000012").exists()  # it really was interrupted
+    resumed = _launch(killed_cfg)
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {(r["step"], k): r[k] for r in rows for k in ("loss", "eval_loss") if k in r}
+
+    a, b = losses("straight"), losses("killed")
+    assert a.keys() == b.keys() and len(a) == 12 + 2
+    for key in a:
+        assert abs(a[key] - b[key]) <= 1e-5, key
+
+
+def test_an_unfinished_checkpoint_is_ignored_by_autoresume(data, tmp_path):
+    cfg = run_config(data, tmp_path / "run", max_duration="4ba", autoresume=True)
+    Trainer(load_config(None, base=cfg), log=lambda *_: None).fit()
+    partial = tmp_path / "run" / "checkpoints" / ".ba00000006.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    trainer = Trainer(load_config(None, base=dict(cfg, max_duration="6ba")), log=lambda *_: None)
+    assert trainer.newest_checkpoint().name == "ba00000004"
+    trainer.fit()
+    assert trainer.step == 6
