@@ -91,9 +91,15 @@ class DbrxExpertGLU(nn.Module):
         self.act = _ACTIVATIONS[f.ffn_act_fn["name"]]
 
     def per_expert(self) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """Per-expert [F, D] views via view+unbind: no copies, and one backward node for all experts."""
+        """Per-expert [F, D] views via view+unbind: no copies, and one backward node for all experts. Under
+        autocast the fused tensors are cast once here, not once per expert inside the loop."""
         shape = (self.num_experts, self.ffn_hidden_size, self.d_model)
-        return tuple(w.view(shape).unbind(0) for w in (self.w1, self.v1, self.w2))
+        weights = (self.w1, self.v1, self.w2)
+        device = self.w1.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            weights = tuple(w.to(dtype) for w in weights)
+        return tuple(w.view(shape).unbind(0) for w in weights)
 
     def glu(self, x_nD: torch.Tensor, w1_FD: torch.Tensor, v1_FD: torch.Tensor, w2_FD: torch.Tensor) -> torch.Tensor:
         return (self.act(F.linear(x_nD, w1_FD)) * F.linear(x_nD, v1_FD)) @ w2_FD

@@ -159,17 +159,18 @@ def batches_per_epoch(phases: list[Phase], batch_size: int) -> int:
 
 
 def eval_batches(reader: MDSReader, batch_size: int, seq_len: int, limit: int | None = None, pad_id: int = 0):
-    """The eval set in order, as fixed batches (the last one may be smaller)."""
+    """Fixed eval batches (the last one may be smaller). With a `limit` of batches, the windows are spread
+    evenly over the whole set rather than taken from its start, where a few documents would dominate."""
     n = len(reader)
-    count = 0
-    for start in range(0, n, batch_size):
-        if limit is not None and count >= limit:
-            return
-        rows = [np.asarray(reader[i]["tokens"])[:seq_len].astype(np.int64) for i in range(start, min(n, start + batch_size))]
+    indices = np.arange(n)
+    if limit is not None and limit * batch_size < n:
+        indices = np.linspace(0, n - 1, limit * batch_size).round().astype(int)
+    for start in range(0, len(indices), batch_size):
+        rows = [np.asarray(reader[int(i)]["tokens"])[:seq_len].astype(np.int64)
+                for i in indices[start:start + batch_size]]
         ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, : len(row)] = torch.from_numpy(row)
             labels[b, : len(row)] = torch.from_numpy(row)
-        count += 1
         yield {"input_ids": ids, "labels": labels}

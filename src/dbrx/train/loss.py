@@ -13,38 +13,62 @@ import torch
 IGNORE_INDEX = -100
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, cols] buffer kept between calls. Allocating hundreds of MB afresh for every chunk costs page
+    faults that take as long as the softmax itself on CPU."""
+    key = (cols, dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.shape[0] < rows:
+        _SCRATCH[key] = buf = torch.empty(rows, cols, dtype=dtype, device=device)
+    return buf[:rows]
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, w_VD, labels_N, chunk_rows, compute_dtype):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        device_type = h_ND.device.type
-        with torch.autocast(device_type, enabled=False):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        device = h_ND.device
+        with torch.autocast(device.type, enabled=False):
             w = w_VD.to(compute_dtype)
             acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 softmax for bf16/fp16 matmuls
-            total = torch.zeros((), dtype=acc, device=h_ND.device)
-            grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if need_h else None
-            # grad_w is accumulated transposed, [D, V]: h.T @ dlogits runs about 2.5x faster on CPU than
-            # dlogits.T @ h, and its transpose has lm_head's own column-major layout.
-            grad_w_DV = torch.zeros(w_VD.shape[::-1], dtype=acc, device=w_VD.device) if need_w else None
+            total = torch.zeros((), dtype=acc, device=device)
+            grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if ctx.needs_input_grad[0] else None
+            # grad_w is accumulated transposed, [D, V]: h.T @ dlogits is the faster product on CPU, and its
+            # transpose has lm_head's own column-major layout.
+            grad_w_DV = torch.zeros(w_VD.shape[::-1], dtype=acc, device=device) if ctx.needs_input_grad[1] else None
             for start in range(0, h_ND.shape[0], chunk_rows):
                 h = h_ND[start:start + chunk_rows].to(compute_dtype)
                 y = labels_N[start:start + chunk_rows]
                 valid = y != IGNORE_INDEX
                 y_safe = torch.where(valid, y, 0)
-                # The [rows, 100k] passes over memory, not the matmuls, are what a CPU step spends time on here:
-                # converting first and then running the fp32 kernel beats log_softmax(bf16, dtype=fp32).
-                logp_nV = torch.log_softmax((h @ w.T).to(acc), dim=-1)
-                total -= (logp_nV.gather(1, y_safe[:, None])[:, 0] * valid).sum()
-                if need_h or need_w:
-                    dlogits_nV = logp_nV.exp_()  # softmax, in place
-                    dlogits_nV[torch.arange(len(y), device=y.device), y_safe] -= 1.0
+                logits = _scratch(h.shape[0], w.shape[0], compute_dtype, device)
+                torch.mm(h, w.T, out=logits)
+                if compute_dtype == acc:  # fp32 (or fp64): exact log-softmax, in place
+                    torch.log_softmax(logits, dim=-1, out=logits)
+                    total -= (logits.gather(1, y_safe[:, None])[:, 0] * valid).sum()
+                    if need_grad:
+                        logits.exp_()
+                else:
+                    # bf16 logits: one softmax kernel (fp32 accumulation, bf16 output) serves both the loss and
+                    # the gradient. On CPU the passes over [rows, 100k] cost as much as the matmuls, and the loss
+                    # is as exact as the bf16 logits it comes from.
+                    torch.softmax(logits, dim=-1, out=logits)
+                    p_target = logits.gather(1, y_safe[:, None])[:, 0].to(acc)
+                    total -= (torch.log(p_target.clamp_min(torch.finfo(acc).tiny)) * valid).sum()
+                if need_grad:  # d loss / d logits = softmax - one-hot, in place
+                    logits[torch.arange(len(y), device=device), y_safe] -= 1.0
                     if not bool(valid.all()):
-                        dlogits_nV.mul_(valid[:, None])
-                    dlogits_nV = dlogits_nV.to(compute_dtype)
-                    if need_h:
-                        grad_h[start:start + chunk_rows] = dlogits_nV @ w
-                    if need_w:
-                        grad_w_DV += (h.T @ dlogits_nV).to(acc)
+                        logits.mul_(valid[:, None])
+                    if grad_h is not None:
+                        torch.mm(logits, w, out=grad_h[start:start + chunk_rows])
+                    if grad_w_DV is not None:
+                        if compute_dtype == acc:
+                            grad_w_DV.addmm_(h.T, logits)
+                        else:
+                            grad_w_DV += torch.mm(h.T, logits).to(acc)
         ctx.save_for_backward(grad_h, None if grad_w_DV is None else grad_w_DV.t())
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
         return total
@@ -64,11 +88,16 @@ def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels_BT[:, 1:], pad], dim=1)
 
 
+CHUNK_BYTES = 512 * 2**20  # fp32 logits held at once: big enough for efficient matmuls (~1300 rows at 100k vocab)
+
+
 def chunked_cross_entropy_sum(h_BTD: torch.Tensor, head_weight_VD: torch.Tensor, labels_BT: torch.Tensor,
-                              chunk_rows: int = 256, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                              chunk_rows: int | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum over positions of -log p(labels[t+1] | ...), skipping IGNORE_INDEX targets. `labels` are unshifted
     (as LLM Foundry's loaders give them: input_ids with -100 where no loss is wanted)."""
     targets_N = shift_labels(labels_BT).reshape(-1)
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
     dtype = compute_dtype or head_weight_VD.dtype
+    if chunk_rows is None:
+        chunk_rows = max(64, CHUNK_BYTES // (4 * head_weight_VD.shape[0]))
     return _ChunkedLinearCrossEntropy.apply(h_ND, head_weight_VD, targets_N, chunk_rows, dtype)

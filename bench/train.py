@@ -1,0 +1,128 @@
+"""A full training step (forward, backward, AdamW) in tokens/s: dbrx against transformers' DbrxForCausalLM on
+the same weights, batch and dtype, each in a fresh process (so peak memory is its own), plus MFU on
+active-parameter FLOPs against the fp32/bf16 matmul peak measured in the same run.
+
+    .venv/bin/python bench/train.py [--preset dbrx-small] [--batch 4] [--seq 512] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+STEP = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    impl, path, precision, batch, seq, steps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+
+    def hwm():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
+
+    torch.manual_seed(0)
+    amp = precision == "amp_bf16"
+    ids = torch.randint(0, 100000, (batch, seq))
+    base = hwm()
+    if impl == "dbrx":
+        from dbrx import DbrxForCausalLM
+        from dbrx.moe import load_balancing_loss
+        from dbrx.train.loss import chunked_cross_entropy_sum
+        from dbrx.train.trainer import build_optimizer
+        model = DbrxForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+        opt = build_optimizer(model, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0})
+        f = model.config.ffn_config
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                h, router_logits = model.hidden_states(ids)
+                loss = chunked_cross_entropy_sum(h, model.lm_head.weight, ids,
+                                                 compute_dtype=torch.bfloat16 if amp else torch.float32)
+            aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k)
+            (loss / ids[:, 1:].numel() + f.moe_loss_weight * aux).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        import transformers
+        model = transformers.DbrxForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(ids, labels=ids, output_router_logits=True)  # loss includes moe_loss_weight * aux
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (optimizer state allocation)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
+    print(json.dumps({"tokens_per_s": batch * seq / seconds, "peak_bytes": hwm() - base}))
+""")
+
+
+def run(impl: str, path: str, precision: str, args) -> dict:
+    out = subprocess.run([sys.executable, "-c", STEP, impl, path, precision, str(args.batch), str(args.seq),
+                          str(args.steps)], capture_output=True, text=True)
+    if out.returncode:
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
+        return {"error": last}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="dbrx-small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from dbrx import DbrxConfig, DbrxForCausalLM
+    from dbrx.perf import matmul_flops
+
+    cfg = DbrxConfig.from_name(args.preset)
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(cfg)
+    active = model.num_parameters(active=True) - cfg.vocab_size * cfg.d_model
+    flops_per_token = 6 * active + 12 * cfg.n_layers * cfg.d_model * args.seq
+    peak = {"fp32": matmul_flops(dtype=torch.float32), "amp_bf16": matmul_flops(dtype=torch.bfloat16)}
+    print(f"{args.preset}: {model.num_parameters():,} parameters, {active:,} active non-embedding; batch "
+          f"{args.batch} x {args.seq} tokens; {flops_per_token / 1e6:.0f} MFLOP/token; matmul peak fp32 "
+          f"{peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['amp_bf16'] / 1e9:.0f} GFLOP/s; "
+          f"{torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        results = {}
+        for impl in ("dbrx",) + (() if args.no_hf else ("transformers",)):
+            for precision in ("fp32", "amp_bf16"):
+                r = run(impl, tmp, precision, args)
+                results[impl, precision] = r
+                if "error" in r:
+                    print(f"{impl:>12} {precision:>8}: fails: {r['error']}", flush=True)
+                    continue
+                mfu = r["tokens_per_s"] * flops_per_token / peak[precision]
+                print(f"{impl:>12} {precision:>8}: {r['tokens_per_s']:8.0f} tok/s, MFU {mfu:5.1%} of the "
+                      f"{precision} matmul peak, peak memory +{r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    speed = {k: v.get("tokens_per_s") for k, v in results.items()}
+    line = f"amp_bf16 / fp32 (ours): {speed['dbrx', 'amp_bf16'] / speed['dbrx', 'fp32']:.2f}x"
+    for precision in ("fp32", "amp_bf16"):
+        theirs = speed.get(("transformers", precision))
+        if theirs:
+            line += f"; ours / transformers {precision}: {speed['dbrx', precision] / theirs:.2f}x"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
