@@ -17,19 +17,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Until the training job lands, the demo shows the sizes of the real model (computed on the meta device) and a
-# generation from a small *randomly initialised* model: the pipeline is real, the text is noise.
+# The main job: the Python standard library of the interpreter in .venv -> MDS -> dbrx-tiny pretrained for about
+# 10 minutes (configs/demo.yaml) -> runs/demo/loss.png and a Hugging Face checkpoint in runs/demo/hf -> a sample.
+STDLIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
 demo: $(STAMP)
-	$(BIN)/dbrx info --preset dbrx-instruct
-	$(BIN)/dbrx init --preset dbrx-tiny --out runs/random-tiny --seed 0
-	@echo "--- a completion from the randomly initialised dbrx-tiny (untrained: expect noise) ---"
-	$(BIN)/dbrx generate --model runs/random-tiny --max-new-tokens 32 --ignore-eos --stats --echo "def fibonacci(n):"
+	$(BIN)/dbrx convert text "$(STDLIB)" --glob '*.py' --exclude site-packages --out runs/data/stdlib \
+		--concat-tokens 256 --val-fraction 0.01 --overwrite
+	$(BIN)/dbrx train configs/demo.yaml
+	@echo "--- held-out loss and plot: runs/demo/metrics.jsonl, runs/demo/loss.png; a sampled completion: ---"
+	$(BIN)/dbrx generate --model runs/demo/hf --max-new-tokens 64 --temperature 0.7 --top-k 40 --seed 0 --echo "def fibonacci(n):"
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/moe.py
 	$(BIN)/python bench/moe.py --dtype bfloat16
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

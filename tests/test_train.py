@@ -251,3 +251,24 @@ def test_an_unfinished_checkpoint_is_ignored_by_autoresume(data, tmp_path):
     assert trainer.newest_checkpoint().name == "ba00000004"
     trainer.fit()
     assert trainer.step == 6
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_chunked_loss_in_bf16_matches_the_bf16_reference(column_major):
+    """The amp_bf16 path (bf16 matmuls, one softmax kernel, kept buffers), for both layouts of the head."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 700, generator=g).t() if column_major else torch.randn(700, 24, generator=g)
+    w.requires_grad_(True)
+    h = torch.randn(2, 40, 24, generator=g, requires_grad=True)
+    labels = torch.randint(0, 700, (2, 40), generator=g)
+    got = chunked_cross_entropy_sum(h, w, labels, chunk_rows=16, compute_dtype=torch.bfloat16)
+    got.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    logits = (h.bfloat16() @ w.bfloat16().T).float().reshape(-1, 700)
+    ref = torch.nn.functional.cross_entropy(logits, shift_labels(labels).reshape(-1), ignore_index=-100,
+                                            reduction="sum")
+    ref.backward()
+    assert abs(got.item() - ref.item()) / ref.item() < 1e-3
+    assert (gh - h.grad).abs().max() / h.grad.abs().max() < 2e-2
+    assert (gw - w.grad).abs().max() / w.grad.abs().max() < 2e-2

@@ -16,10 +16,10 @@ IGNORE_INDEX = -100
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A [rows, cols] buffer kept between calls. Allocating hundreds of MB afresh for every chunk costs page
     faults that take as long as the softmax itself on CPU."""
-    key = (cols, dtype, device)
+    key = (name, cols, dtype, device)
     buf = _SCRATCH.get(key)
     if buf is None or buf.shape[0] < rows:
         _SCRATCH[key] = buf = torch.empty(rows, cols, dtype=dtype, device=device)
@@ -32,7 +32,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         device = h_ND.device
         with torch.autocast(device.type, enabled=False):
-            w = w_VD.to(compute_dtype)
+            w = w_VD
+            if w_VD.dtype != compute_dtype:  # the head's low-precision copy, in a kept buffer of the same layout
+                column_major = w_VD.stride(0) == 1
+                rows, cols = w_VD.shape[::-1] if column_major else w_VD.shape
+                buf = _scratch("head", rows, cols, compute_dtype, device)
+                w = (buf.t() if column_major else buf).copy_(w_VD)
             acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 softmax for bf16/fp16 matmuls
             total = torch.zeros((), dtype=acc, device=device)
             grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if ctx.needs_input_grad[0] else None
@@ -44,7 +49,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 y = labels_N[start:start + chunk_rows]
                 valid = y != IGNORE_INDEX
                 y_safe = torch.where(valid, y, 0)
-                logits = _scratch(h.shape[0], w.shape[0], compute_dtype, device)
+                logits = _scratch("logits", h.shape[0], w.shape[0], compute_dtype, device)
                 torch.mm(h, w.T, out=logits)
                 if compute_dtype == acc:  # fp32 (or fp64): exact log-softmax, in place
                     torch.log_softmax(logits, dim=-1, out=logits)
@@ -60,15 +65,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     total -= (torch.log(p_target.clamp_min(torch.finfo(acc).tiny)) * valid).sum()
                 if need_grad:  # d loss / d logits = softmax - one-hot, in place
                     logits[torch.arange(len(y), device=device), y_safe] -= 1.0
-                    if not bool(valid.all()):
-                        logits.mul_(valid[:, None])
+                    invalid = ~valid
+                    if bool(invalid.any()):  # a few rows (each sequence's last position): zero just those
+                        logits[invalid] = 0.0
                     if grad_h is not None:
                         torch.mm(logits, w, out=grad_h[start:start + chunk_rows])
                     if grad_w_DV is not None:
                         if compute_dtype == acc:
                             grad_w_DV.addmm_(h.T, logits)
-                        else:
-                            grad_w_DV += torch.mm(h.T, logits).to(acc)
+                        else:  # bf16 product into a kept buffer, accumulated in fp32 without a temporary
+                            part = _scratch("grad_w", h.shape[1], w.shape[0], compute_dtype, device)
+                            grad_w_DV.add_(torch.mm(h.T, logits, out=part))
         ctx.save_for_backward(grad_h, None if grad_w_DV is None else grad_w_DV.t())
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
         return total
@@ -77,8 +84,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = None if grad_h is None else (grad_h * grad_total).to(h_dtype)
-        gw = None if grad_w is None else (grad_w * grad_total).to(w_dtype)
+        # The gradients were computed for this call alone: scale them in place rather than allocate copies.
+        gh = None if grad_h is None else grad_h.mul_(grad_total).to(h_dtype)
+        gw = None if grad_w is None else grad_w.mul_(grad_total).to(w_dtype)
         return gh, gw, None, None, None
 
 
