@@ -61,8 +61,10 @@ SCHEMA: dict[str, Any] = {
     "log_to_console": "bool",
     "python_log_level": "str",
     "dist_timeout": "number",
-    "lora": "dict",
 }
+# The tokenizer is DBRX's cl100k; these are the names Foundry configs give it.
+TOKENIZER_NAMES = ("cl100k_base", "dbrx", "databricks/dbrx-instruct", "databricks/dbrx-base",
+                   "transformers-community/dbrx-instruct")
 
 DEFAULTS: dict[str, Any] = {
     "seed": 17,
@@ -200,6 +202,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     for required in ("max_seq_len", "model", "train_loader", "max_duration", "global_train_batch_size"):
         if required not in cfg:
             raise ConfigError(f"missing required key '{required}'")
+    name = (cfg.get("tokenizer") or {}).get("name")
+    if name is not None and name not in TOKENIZER_NAMES:
+        raise ConfigError(f"tokenizer.name: {name!r} is not DBRX's tokenizer; use one of {', '.join(TOKENIZER_NAMES)}")
     cfg.setdefault("device_train_microbatch_size", cfg["global_train_batch_size"])
     cfg.setdefault("device_eval_batch_size", cfg["device_train_microbatch_size"])
     if cfg["global_train_batch_size"] % cfg["device_train_microbatch_size"]:
