@@ -58,7 +58,7 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             bw = matvec_bandwidth(dtype=torch.float32, device=args.device)
             ours = DbrxForCausalLM.from_pretrained(tmp, dtype=dtype, device=args.device)
-            out = generate(ours, prompt, 2)  # warm-up
+            generate(ours, prompt, 2)  # warm-up
             t_ours = best_of(lambda: generate(ours, prompt, n), args.reps)
             t_prefill = best_of(lambda: generate(ours, prompt, 1), args.reps)
             decode_tps = (n - 1) / (t_ours - t_prefill)
@@ -81,7 +81,6 @@ def main() -> None:
                          f"ours/transformers = {t_hf / t_ours:.2f}x; greedy tokens identical: {same}")
                 del hf
             print(line, flush=True)
-            del ours, out
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ def _open(file: Path, device: str = "cpu"):
         raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated or corrupt?): {e}") from None
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 def read_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, Path]]:
     """name -> (shape, dtype, file) for every tensor of a checkpoint, reading headers only."""
     out = {}
@@ -92,9 +95,6 @@ def read_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtyp
                     raise CheckpointError(f"tensor {name!r} is stored twice: in {out[name][2].name} and {file.name}")
                 out[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), None), file)
     return out
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def checkpoint_dtype(header: dict) -> torch.dtype:

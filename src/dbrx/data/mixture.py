@@ -140,18 +140,26 @@ class MixtureLoader:
         if end is not None and self.state["tokens"] - self.state["phase_start_tokens"] >= end:
             if self.state["phase"] + 1 < len(self.phases):
                 self.state.update(phase=self.state["phase"] + 1, phase_start_tokens=self.state["tokens"], served={})
-        ids = torch.full((self.batch_size, self.seq_len), self.pad_id, dtype=torch.long)
-        labels = torch.full((self.batch_size, self.seq_len), IGNORE_INDEX, dtype=torch.long)
-        names = []
-        for b in range(self.batch_size):
+        rows, names = [], []
+        for _ in range(self.batch_size):
             stream = self._next_stream()
-            tokens = torch.from_numpy(self._next_sample(stream)[: self.seq_len].astype(np.int64))
-            ids[b, : len(tokens)] = tokens
-            labels[b, : len(tokens)] = tokens
+            rows.append(self._next_sample(stream))
             names.append(stream.name)
         self.state["tokens"] += self.batch_size * self.seq_len
         self.state["samples"] += self.batch_size
-        return {"input_ids": ids, "labels": labels, "streams": names, "phase": self.state["phase"]}
+        return {**pack_rows(rows, self.seq_len, self.pad_id), "streams": names, "phase": self.state["phase"]}
+
+
+def pack_rows(rows: list[np.ndarray], seq_len: int, pad_id: int = 0) -> dict:
+    """Token windows -> input_ids and (unshifted) labels [len(rows), seq_len]; short rows are padded, and the
+    padding is ignored by the loss."""
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(rows):
+        tokens = torch.from_numpy(np.asarray(row)[:seq_len].astype(np.int64))
+        ids[b, : len(tokens)] = tokens
+        labels[b, : len(tokens)] = tokens
+    return {"input_ids": ids, "labels": labels}
 
 
 def batches_per_epoch(phases: list[Phase], batch_size: int) -> int:
@@ -166,11 +174,4 @@ def eval_batches(reader: MDSReader, batch_size: int, seq_len: int, limit: int | 
     if limit is not None and limit * batch_size < n:
         indices = np.linspace(0, n - 1, limit * batch_size).round().astype(int)
     for start in range(0, len(indices), batch_size):
-        rows = [np.asarray(reader[int(i)]["tokens"])[:seq_len].astype(np.int64)
-                for i in indices[start:start + batch_size]]
-        ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)] = torch.from_numpy(row)
-            labels[b, : len(row)] = torch.from_numpy(row)
-        yield {"input_ids": ids, "labels": labels}
+        yield pack_rows([reader[int(i)]["tokens"] for i in indices[start:start + batch_size]], seq_len, pad_id)

@@ -161,8 +161,7 @@ class Trainer:
         self.step, self.metrics_rows, self._started = 0, [], False
         self.tb = self._tensorboard()
         mc = self.model.config
-        self.embedding_params = mc.vocab_size * mc.d_model
-        active = self.model.num_parameters(active=True) - self.embedding_params
+        active = self.model.num_parameters(active=True) - mc.vocab_size * mc.d_model  # lookups are not FLOPs
         self.flops_per_token = 6 * active + 12 * mc.n_layers * mc.d_model * self.seq_len
         self.peak_flops = matmul_flops(dtype=torch.bfloat16 if self.amp else torch.float32, device=self.device)
 
