@@ -97,9 +97,10 @@ def read_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtyp
     return out
 
 
-def checkpoint_dtype(header: dict) -> torch.dtype:
+def checkpoint_dtype(header: dict) -> torch.dtype | None:
+    """The one dtype every tensor is stored in, or None when they differ."""
     dtypes = {dt for _, dt, _ in header.values()}
-    return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else torch.float32
+    return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else None
 
 
 def _check_against(model: torch.nn.Module, header: dict, path: Path) -> None:
@@ -127,7 +128,7 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
     path = Path(path)
     config = DbrxConfig.from_pretrained(path)
     header = read_header(path)
-    dtype = resolve_dtype(dtype) or checkpoint_dtype(header)
+    dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or torch.float32
     with torch.device("meta"):
         model = cls(config)
     _check_against(model, header, path)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from dbrx.checkpoint import CheckpointError, available_memory_bytes, read_header, resolve_dtype
+from dbrx.checkpoint import (
+    CheckpointError, available_memory_bytes, checkpoint_dtype, dtype_name, read_header, resolve_dtype,
+)
 from dbrx.config import PRESETS, DbrxConfig
 from dbrx.model import DbrxForCausalLM, KVCache
 
@@ -74,17 +76,13 @@ def cmd_info(args) -> None:
         config, stored, name = DbrxConfig.from_name(args.preset), None, args.preset
     else:
         config, name = DbrxConfig.from_pretrained(args.model), str(args.model)
-        stored = _stored_dtype(args.model)
+        stored_dtype = checkpoint_dtype(read_header(args.model))
+        stored = dtype_name(stored_dtype) if stored_dtype else None
     facts = model_facts(config, stored)
     if args.json:
         print(json.dumps({"name": name, "config": config.to_dict(), **facts}, indent=2))
     else:
         _print_facts(name, config, facts)
-
-
-def _stored_dtype(path) -> str | None:
-    dtypes = {str(dt).removeprefix("torch.") for _, dt, _ in read_header(path).values()}
-    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 # ---- init ------------------------------------------------------------------------------------------------------
