@@ -43,37 +43,46 @@ class DbrxRouter(nn.Module):
         return logits_NE, weights_NK.to(x_ND.dtype), experts_NK
 
 
-class _GatherRows(torch.autograd.Function):
-    """out[s] = x[src[s]] where every row of x is used exactly K times (src = order // K).
+GROUP_ROWS = 64
+"""Each expert's group is padded with zero rows to a multiple of this. CPU matmul libraries build (and cache) a
+kernel per shape: a group size never seen before costs ~1.5 ms in bf16 (2x the product itself in fp32), which
+made the many small expert products of a step dominate it. Padded sizes repeat from step to step."""
 
-    Autograd's backward for indexing scatter-adds into x. Because `order` is a permutation of the S copies,
-    the gradient is instead a gather by the inverse permutation and a sum over each token's K copies.
+
+class _ToGroups(torch.autograd.Function):
+    """x_PD[slot[j]] = x_ND[j // K] for each token copy j = n*K + k; the P - N*K padding rows are zero.
+
+    Autograd's backward for this indexing would scatter-add; since each copy has its own slot, the gradient
+    is a gather by `slot` and a sum over each token's K copies.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, order_S, inverse_S, top_k):
-        ctx.save_for_backward(inverse_S)
+    def forward(ctx, x_ND, slot_S, order_S, rows, top_k):
+        ctx.save_for_backward(slot_S)
         ctx.shape = (x_ND.shape[0], top_k, x_ND.shape[1])
-        return x_ND.index_select(0, order_S // top_k)
+        x_PD = x_ND.new_zeros(rows, x_ND.shape[1])
+        return x_PD.index_copy_(0, slot_S[order_S], x_ND.index_select(0, order_S // top_k))
+
+    @staticmethod
+    def backward(ctx, grad_PD):
+        (slot_S,) = ctx.saved_tensors
+        return grad_PD.index_select(0, slot_S).view(ctx.shape).sum(dim=1), None, None, None, None
+
+
+class _FromGroups(torch.autograd.Function):
+    """y_SD = y_PD[slot]: back to token-copy order. Backward puts each gradient row in its slot (a copy, not an
+    accumulation: slots are distinct); padding rows get zero."""
+
+    @staticmethod
+    def forward(ctx, y_PD, slot_S):
+        ctx.save_for_backward(slot_S)
+        ctx.rows = y_PD.shape[0]
+        return y_PD.index_select(0, slot_S)
 
     @staticmethod
     def backward(ctx, grad_SD):
-        (inverse_S,) = ctx.saved_tensors
-        return grad_SD.index_select(0, inverse_S).view(ctx.shape).sum(dim=1), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """out = x[perm] whose backward is a gather by the inverse permutation rather than a scatter."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        (slot_S,) = ctx.saved_tensors
+        return grad_SD.new_zeros(ctx.rows, grad_SD.shape[1]).index_copy_(0, slot_S, grad_SD), None
 
 
 class DbrxExpertGLU(nn.Module):
@@ -119,21 +128,27 @@ class DbrxExperts(nn.Module):
         N, K = experts_NK.shape
         w1, v1, w2 = self.mlp.per_expert()
 
-        # Sort the S = N*K token copies by expert so that each expert's tokens are one contiguous group.
+        # Sort the S = N*K token copies by expert so that each expert's tokens are one contiguous group, padded
+        # to a multiple of GROUP_ROWS: copy j goes to slot[j] = (its rank among its expert's copies) + (the
+        # padded start of its expert's group).
+        E = self.mlp.num_experts
         flat_S = experts_NK.reshape(-1)
         order_S = flat_S.argsort(stable=True)
-        inverse_S = torch.empty_like(order_S)
-        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        counts = torch.bincount(flat_S, minlength=self.mlp.num_experts).tolist()
+        counts_E = torch.bincount(flat_S, minlength=E)
+        padded_E = (counts_E + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS
+        shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
+        slot_S = torch.empty_like(order_S)
+        slot_S[order_S] = torch.arange(order_S.numel(), device=order_S.device) + shift_E[flat_S[order_S]]
+        padded = padded_E.tolist()
 
-        x_SD = _GatherRows.apply(x_ND, order_S, inverse_S, K)
+        x_PD = _ToGroups.apply(x_ND, slot_S, order_S, sum(padded), K)
         # `split` (not slicing) so that backward is one concatenation instead of E zero-filled scatters.
         outs = [self.mlp.glu(x_nD, w1[e], v1[e], w2[e])
-                for e, x_nD in enumerate(x_SD.split(counts)) if counts[e] > 0]
-        y_SD = torch.cat(outs) if len(outs) > 1 else outs[0]
+                for e, x_nD in enumerate(x_PD.split(padded)) if padded[e] > 0]
+        y_PD = torch.cat(outs) if len(outs) > 1 else outs[0]
 
         # Back to token order, then each token's K outputs weighted by its router weights.
-        y_NKD = _Permute.apply(y_SD, inverse_S, order_S).view(N, K, -1)
+        y_NKD = _FromGroups.apply(y_PD, slot_S).view(N, K, -1)
         return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
 
     def _forward_few_tokens(self, x_ND, weights_NK, experts_NK):

@@ -43,7 +43,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if ctx.needs_input_grad[0] else None
             # grad_w is accumulated transposed, [D, V]: h.T @ dlogits is the faster product on CPU, and its
             # transpose has lm_head's own column-major layout.
-            grad_w_DV = torch.zeros(w_VD.shape[::-1], dtype=acc, device=device) if ctx.needs_input_grad[1] else None
+            # With one chunk it is the chunk's own product; with several, an fp32 sum of theirs.
+            one_chunk = h_ND.shape[0] <= chunk_rows
+            grad_w_DV = None
+            if ctx.needs_input_grad[1] and not one_chunk:
+                grad_w_DV = torch.zeros(w_VD.shape[::-1], dtype=acc, device=device)
             for start in range(0, h_ND.shape[0], chunk_rows):
                 h = h_ND[start:start + chunk_rows].to(compute_dtype)
                 y = labels_N[start:start + chunk_rows]
@@ -65,28 +69,35 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     total -= (torch.log(p_target.clamp_min(torch.finfo(acc).tiny)) * valid).sum()
                 if need_grad:  # d loss / d logits = softmax - one-hot, in place
                     logits[torch.arange(len(y), device=device), y_safe] -= 1.0
-                    invalid = ~valid
-                    if bool(invalid.any()):  # a few rows (each sequence's last position): zero just those
-                        logits[invalid] = 0.0
+                    invalid = (~valid).nonzero()[:, 0]
+                    if invalid.numel():  # a few rows (each sequence's last position): zero just those
+                        logits.index_fill_(0, invalid, 0.0)
                     if grad_h is not None:
                         torch.mm(logits, w, out=grad_h[start:start + chunk_rows])
-                    if grad_w_DV is not None:
+                    if ctx.needs_input_grad[1] and one_chunk:
+                        grad_w_DV = torch.mm(h.T.contiguous(), logits)
+                    elif grad_w_DV is not None:
                         if compute_dtype == acc:
                             grad_w_DV.addmm_(h.T, logits)
                         else:  # bf16 product into a kept buffer, accumulated in fp32 without a temporary
                             part = _scratch("grad_w", h.shape[1], w.shape[0], compute_dtype, device)
                             grad_w_DV.add_(torch.mm(h.T, logits, out=part))
         ctx.save_for_backward(grad_h, None if grad_w_DV is None else grad_w_DV.t())
-        ctx.dtypes = (h_ND.dtype, w_VD.dtype)
+        ctx.h_dtype, ctx.w_layout = h_ND.dtype, (w_VD.shape, w_VD.stride(), w_VD.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        # The gradients were computed for this call alone: scale them in place rather than allocate copies.
-        gh = None if grad_h is None else grad_h.mul_(grad_total).to(h_dtype)
-        gw = None if grad_w is None else grad_w.mul_(grad_total).to(w_dtype)
+        # The gradients were computed for this call alone: scale them in place, in the parameters' precision
+        # (grad_w also takes the weight's own layout: one converting copy, then no re-layout when accumulated).
+        gh = None if grad_h is None else grad_h.to(ctx.h_dtype).mul_(grad_total)
+        gw = None
+        if grad_w is not None:
+            shape, stride, dtype = ctx.w_layout
+            gw = grad_w if grad_w.stride() == stride and grad_w.dtype == dtype else \
+                torch.empty_strided(shape, stride, dtype=dtype, device=grad_w.device).copy_(grad_w)
+            gw.mul_(grad_total)
         return gh, gw, None, None, None
 
 
@@ -96,7 +107,8 @@ def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels_BT[:, 1:], pad], dim=1)
 
 
-CHUNK_BYTES = 512 * 2**20  # fp32 logits held at once: big enough for efficient matmuls (~1300 rows at 100k vocab)
+CHUNK_BYTES = 512 * 2**20  # logits held at once: big enough for efficient matmuls (~1300 rows at 100k vocab in
+                           # fp32, ~2600 in bf16)
 
 
 def chunked_cross_entropy_sum(h_BTD: torch.Tensor, head_weight_VD: torch.Tensor, labels_BT: torch.Tensor,
@@ -107,5 +119,5 @@ def chunked_cross_entropy_sum(h_BTD: torch.Tensor, head_weight_VD: torch.Tensor,
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
     dtype = compute_dtype or head_weight_VD.dtype
     if chunk_rows is None:
-        chunk_rows = max(64, CHUNK_BYTES // (4 * head_weight_VD.shape[0]))
+        chunk_rows = max(64, CHUNK_BYTES // (dtype.itemsize * head_weight_VD.shape[0]))
     return _ChunkedLinearCrossEntropy.apply(h_ND, head_weight_VD, targets_N, chunk_rows, dtype)
