@@ -5,7 +5,9 @@
     dbrx generate --model DIR [options] PROMPT         stream a completion
     dbrx chat --model DIR [--system TEXT]              interactive chat with history
     dbrx convert text INPUT... --out DIR --concat-tokens N
+    dbrx convert finetuning --dataset NAME --out-root DIR [--splits ...] [--tokenizer T --max-seq-len N]
     dbrx train CONFIG.yaml [dotted.key=value ...]
+    dbrx merge-lora BASE_DIR ADAPTER_DIR --out DIR    fold a LoRA adapter into a plain checkpoint
 """
 
 from __future__ import annotations
@@ -208,6 +210,28 @@ def cmd_convert_text(args) -> None:
               file=sys.stderr)
 
 
+def cmd_convert_finetuning(args) -> None:
+    from dbrx.data.finetuning import convert
+    from dbrx.tokenizer import Tokenizer
+    from dbrx.train.config import TOKENIZER_NAMES
+
+    dataset: dict = {"hf_name": args.dataset}
+    if args.data_files:
+        dataset["hf_kwargs"] = {"data_files": args.data_files}
+    elif args.data_dir:
+        dataset["hf_kwargs"] = {"data_dir": str(args.data_dir)}
+    if args.preprocessor:
+        dataset["preprocessing_fn"] = args.preprocessor
+    tokenizer = None
+    if args.tokenizer is not None:
+        if args.tokenizer not in TOKENIZER_NAMES:
+            raise UserError(f"--tokenizer {args.tokenizer!r}: DBRX's tokenizer is cl100k; use one of "
+                            f"{', '.join(TOKENIZER_NAMES)}")
+        tokenizer = Tokenizer()
+    convert(dataset, args.out_root, [s for part in args.splits for s in part.split(",") if s], tokenizer,
+            args.max_seq_len, args.compression, args.overwrite)
+
+
 def cmd_train(args) -> None:
     from dbrx.train.config import load_config
     from dbrx.train.trainer import Trainer
@@ -217,6 +241,60 @@ def cmd_train(args) -> None:
     final = f"; held-out loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
     print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, last train loss "
           f"{summary.get('loss', float('nan')):.4f}{final}")
+
+
+# ---- merge-lora --------------------------------------------------------------------------------------------------
+# Tokenizer files a base checkpoint may carry; the merged checkpoint gets the base's own (else ours).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tiktoken.py", "chat_template.jinja")
+
+
+def cmd_merge_lora(args) -> None:
+    import os
+    import shutil
+
+    from dbrx.lora import load_adapter, lora_state_dict, merge_lora
+    from dbrx.tokenizer import Tokenizer
+
+    base, adapter, out = args.base_dir, args.adapter_dir, args.out
+    if out.resolve() in (base.resolve(), adapter.resolve()):
+        raise UserError(f"--out {out} is one of the inputs; write the merged checkpoint to a new directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    dtype = resolve_dtype(args.dtype)
+    # Loaded as stored and merged before any cast, so each merged weight is rounded once.
+    model = _load_model(argparse.Namespace(model=base, dtype=None, device="cpu"))
+    cfg = load_adapter(model, adapter)
+    n_adapter = sum(t.numel() for t in lora_state_dict(model).values())
+    merge_lora(model)
+    if dtype is not None:
+        model.to(dtype)
+
+    # Written whole under a temporary name, then swapped in, so OUT is never a half-written checkpoint.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = out.parent / f".{out.name}.tmp", out.parent / f".{out.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        copied = [f for f in (base / name for name in _TOKENIZER_FILES) if f.is_file()]
+        for f in copied:
+            shutil.copyfile(f, tmp / f.name)
+        if not copied:
+            Tokenizer().save_pretrained(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged {adapter} (LoRA r={cfg.r}, alpha={cfg.lora_alpha:g} on {', '.join(cfg.target_modules)}: "
+          f"{n_adapter:,} adapter parameters) into {base}; wrote {out} "
+          f"({dtype_name(next(model.parameters()).dtype)}, tokenizer files "
+          f"{'copied from the base' if copied else 'written'})")
 
 
 # ---- parser ----------------------------------------------------------------------------------------------------
@@ -281,12 +359,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the train/val draw")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.set_defaults(func=cmd_convert_text)
+    c = conv.add_parser("finetuning", help="prompt/response or chat examples -> MDS (convert_finetuning_dataset)",
+                        description="LLM Foundry's convert_finetuning_dataset.py: read a hub or local dataset (or "
+                                    "json/csv/parquet files), apply the preprocessor, validate every row as "
+                                    "`dbrx train` does (dropped rows are reported by reason), and write MDS "
+                                    "with prompt/response (str) or messages (json) columns, or pre-tokenized "
+                                    "turns (json) with --tokenizer and --max-seq-len.")
+    c.add_argument("--dataset", required=True, help="hub name, local dataset directory, or json/csv/parquet")
+    c.add_argument("--splits", nargs="+", default=["train"], help="splits to convert (default: train)")
+    c.add_argument("--data-files", nargs="+", default=None, help="files for json/csv/parquet")
+    c.add_argument("--data-dir", type=Path, default=None, help="directory of files for json/csv/parquet")
+    c.add_argument("--preprocessor", default=None,
+                   help="'module.path:function' (default: the one registered for --dataset, if any)")
+    c.add_argument("--out-root", required=True, type=Path, help="output directory (gets one folder per split)")
+    c.add_argument("--compression", choices=["zstd"], default=None)
+    c.add_argument("--tokenizer", default=None, help="pre-tokenize into 'turns' (DBRX's tokenizer: cl100k_base)")
+    c.add_argument("--max-seq-len", type=int, default=None, help="with --tokenizer: drop examples whose "
+                                                                    "response cannot fit")
+    c.add_argument("--overwrite", action="store_true", help="replace existing split folders")
+    c.set_defaults(func=cmd_convert_finetuning)
 
     p = sub.add_parser("train", help="pretrain or fine-tune from a YAML config (LLM Foundry's keys)",
                        description="Train from CONFIG.yaml; any key can be overridden as dotted.key=value.")
     p.add_argument("config", type=Path, help="the run's YAML file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value pairs, e.g. max_duration=20ba")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model, as a plain checkpoint",
+                       description="Load a Hugging Face-format DBRX checkpoint and a LoRA adapter directory "
+                                   "(adapter_config.json + adapter_model.safetensors, as dbrx.lora or peft write "
+                                   "it), add each low-rank update to its base weight, and write a plain "
+                                   "checkpoint that `dbrx generate` and transformers load without peft.")
+    p.add_argument("base_dir", type=Path, help="the base model's Hugging Face-format checkpoint directory")
+    p.add_argument("adapter_dir", type=Path, help="the adapter directory")
+    p.add_argument("--out", required=True, type=Path, help="where to write the merged checkpoint")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 for the merged weights (default: as the base is stored); "
+                        "each sum is formed in fp32 and rounded once")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("chat", help="interactive chat with history",
                        description="Chat with an instruct checkpoint using its ChatML template.")

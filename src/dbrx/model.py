@@ -123,6 +123,27 @@ def causal_mask(key_valid_BS: torch.Tensor | None, start: int, T: int, device) -
     return (mask_TS[None] & key_valid_BS[:, None, :].bool() | (k_slot == q_slot)[None])[:, None]
 
 
+def document_mask(sequence_id_BT: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask for packed rows: query i sees key j <= i of the same document. Padding
+    (sequence_id < 0) sees only itself, so no row is all-masked."""
+    T = sequence_id_BT.shape[1]
+    idx = torch.arange(T, device=sequence_id_BT.device)
+    causal_TT = idx[None, :] <= idx[:, None]
+    same_BTT = sequence_id_BT[:, :, None] == sequence_id_BT[:, None, :]
+    own_TT = idx[None, :] == idx[:, None]
+    return ((causal_TT & same_BTT & (sequence_id_BT[:, None, :] >= 0)) | own_TT)[:, None]
+
+
+def document_positions(sequence_id_BT: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where each document starts (sequence_id changes along the row)."""
+    B, T = sequence_id_BT.shape
+    idx = torch.arange(T, device=sequence_id_BT.device).expand(B, T)
+    starts = torch.ones_like(sequence_id_BT, dtype=torch.bool)
+    starts[:, 1:] = sequence_id_BT[:, 1:] != sequence_id_BT[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
 class DbrxNormAttentionNorm(nn.Module):
     """x + attn(norm_1(x)), and norm_2 of that for the FFN (the grouping is transformers', for its weight names)."""
 
@@ -241,9 +262,14 @@ class DbrxForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                      start_pos: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      start_pos: int = 0, sequence_id: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The final-norm hidden states [B, T, D] (what lm_head reads) and each layer's router logits.
-        Training computes its loss from these in chunks, never materialising the full logits."""
+        Training computes its loss from these in chunks, never materialising the full logits.
+
+        sequence_id [B, T] (LLM Foundry's name) marks packed rows: each token's document index in its row, -1
+        for padding. Attention then stays inside each document and positions restart at each document's
+        start, so a packed example computes exactly what it would alone."""
         B, T = input_ids.shape
         cfg = self.config
         if start_pos + T > cfg.max_seq_len:
@@ -251,6 +277,12 @@ class DbrxForCausalLM(nn.Module):
                 f"sequence of {start_pos + T} tokens is longer than the model's max_seq_len ({cfg.max_seq_len})"
             )
         x_BTD = F.dropout(self.transformer.wte(input_ids), cfg.emb_pdrop, self.training)
+        if sequence_id is not None:
+            if attention_mask is not None or cache is not None or start_pos:
+                raise ValueError("sequence_id (packed rows) is for training and scoring: give it without "
+                                 "attention_mask, cache or start_pos")
+            if position_ids is None:
+                position_ids = document_positions(sequence_id)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -258,7 +290,9 @@ class DbrxForCausalLM(nn.Module):
                 position_ids = torch.arange(start_pos, start_pos + T, device=input_ids.device)[None].expand(B, T)
         cos_sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.attn_config.rope_theta, x_BTD.dtype)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if sequence_id is not None:
+            mask = document_mask(sequence_id)
+        elif attention_mask is not None and not bool(attention_mask.all()):
             mask = causal_mask(attention_mask, start_pos, T, input_ids.device)
 
         router_logits = []

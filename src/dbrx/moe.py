@@ -98,6 +98,7 @@ class DbrxExpertGLU(nn.Module):
         self.v1 = nn.Parameter(torch.empty(shape))
         self.w2 = nn.Parameter(torch.empty(shape))
         self.act = _ACTIVATIONS[f.ffn_act_fn["name"]]
+        self.lora: nn.Module | None = None  # low-rank expert deltas, attached by dbrx.lora.apply_lora
 
     def per_expert(self) -> tuple[tuple[torch.Tensor, ...], ...]:
         """Per-expert [F, D] views via view+unbind: no copies, and one backward node for all experts. Under
@@ -108,6 +109,8 @@ class DbrxExpertGLU(nn.Module):
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             weights = tuple(w.to(dtype) for w in weights)
+        if self.lora is not None:  # LoRA: every MoE path then runs each expert as base + its low-rank delta
+            return self.lora(tuple(w.view(shape) for w in weights))
         return tuple(w.view(shape).unbind(0) for w in weights)
 
     def glu(self, x_nD: torch.Tensor, w1_FD: torch.Tensor, v1_FD: torch.Tensor, w2_FD: torch.Tensor) -> torch.Tensor:
@@ -156,6 +159,8 @@ class DbrxExperts(nn.Module):
         the tokens that chose it and read only those experts' weights."""
         shape = (self.mlp.num_experts, self.mlp.ffn_hidden_size, self.mlp.d_model)
         w1_EFD, v1_EFD, w2_EFD = (w.view(shape) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+        if self.mlp.lora is not None:  # base + delta, for every expert (merge the adapters to decode fast)
+            w1_EFD, v1_EFD, w2_EFD = self.mlp.per_expert()
         if x_ND.shape[0] == 1:  # batch-1 decoding: a weighted sum of the K chosen experts' outputs
             y_1D = None
             for e, w in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):

@@ -21,7 +21,7 @@ _DATASET = {
     # fine-tuning (the finetuning loader)
     "hf_name": "str", "hf_kwargs": "dict", "preprocessing_fn": "any", "decoder_only_format": "bool",
     "target_responses": "str", "target_prompts": "str", "packing_ratio": "any", "strict": "bool",
-    "allow_pad_trimming": "bool",
+    "allow_pad_trimming": "bool", "data_files": "any", "data_dir": "path", "safe_load": "bool",
 }
 _LOADER = {"name": ("text", "finetuning"), "dataset": _DATASET, "drop_last": "bool", "num_workers": "int",
            "pin_memory": "bool", "prefetch_factor": "int", "persistent_workers": "bool", "timeout": "number"}

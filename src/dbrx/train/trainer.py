@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dbrx.checkpoint import CheckpointError
 from dbrx.config import DbrxConfig
+from dbrx.data import finetuning
 from dbrx.data.mds import MDSReader
 from dbrx.data.mixture import MixtureLoader, Phase, batches_per_epoch, eval_batches, open_streams
 from dbrx.fileio import atomic_path, atomic_write_text
@@ -51,9 +53,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> DbrxForCausalLM:
-    """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`."""
+    """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`, either with an optional
+    `peft_config` (LoRA: only the adapters train)."""
     model_cfg = dict(model_cfg)
     pretrained, preset = model_cfg.pop("pretrained", None), model_cfg.pop("preset", None)
+    peft = model_cfg.pop("peft_config", None)
     model_cfg.pop("name", None)  # LLM Foundry names the model class here; there is only one
     if pretrained is not None:
         if model_cfg or preset:
@@ -75,6 +79,13 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
         raise ConfigError(f"max_seq_len ({max_seq_len}) exceeds the model's max_seq_len "
                           f"({model.config.max_seq_len}); set model.max_seq_len")
     model.relayout_lm_head(column_major=False)  # see relayout_lm_head: AdamW is slow on column-major tensors
+    if peft is not None:
+        from dbrx.lora import LoraConfig, apply_lora
+
+        try:
+            apply_lora(model, LoraConfig.from_dict(peft, "model.peft_config"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return model.train()
 
 
@@ -84,7 +95,8 @@ def build_optimizer(model: torch.nn.Module, opt: dict) -> torch.optim.Optimizer:
         # Composer's DecoupledAdamW decays by weight_decay * lr / initial_lr; torch's AdamW by lr * weight_decay.
         wd = wd / lr
     # The fused kernel updates all parameters in one pass: about 2x faster than foreach on CPU.
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))),
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))),
                              eps=float(opt.get("eps", 1e-8)), weight_decay=wd, fused=True)
 
 
@@ -141,10 +153,12 @@ class Trainer:
         self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
 
         self.model = build_model(cfg["model"], self.seq_len, self.device)
-        self.loader = self._build_loader()
+        self.finetuning = (cfg["train_loader"].get("name") or "text") == "finetuning"
+        self.loader = self._build_finetuning_loader() if self.finetuning else self._build_loader()
         self.eval_reader = self._build_eval_reader()
 
-        per_epoch = batches_per_epoch(self.loader.phases, self.batch_size)
+        per_epoch = (self.loader.batches_per_epoch() if self.finetuning
+                     else batches_per_epoch(self.loader.phases, self.batch_size))
         self.max_steps = self._to_batches(Time.parse(cfg["max_duration"], "max_duration"), per_epoch)
         self.eval_every = self._to_batches(Time.parse(cfg["eval_interval"], "eval_interval"), per_epoch)
         self.save_every = (self._to_batches(Time.parse(cfg["save_interval"], "save_interval"), per_epoch)
@@ -181,8 +195,6 @@ class Trainer:
 
     def _build_loader(self) -> MixtureLoader:
         tl = self.cfg["train_loader"]
-        if tl.get("name", "text") != "text":
-            raise ConfigError(f"train_loader.name {tl['name']!r} is not supported yet; use 'text'")
         dataset = tl.get("dataset") or {}
         phases = [Phase(open_streams(dataset, "train_loader.dataset"), None)]
         curriculum = (self.cfg.get("callbacks") or {}).get("curriculum_learning")
@@ -200,10 +212,51 @@ class Trainer:
         return MixtureLoader(phases, self.batch_size, self.seq_len, seed=self.cfg["seed"],
                              shuffle=dataset.get("shuffle", True))
 
-    def _build_eval_reader(self) -> MDSReader | None:
+    def _finetuning_examples(self, section: str) -> list[finetuning.Example]:
+        from dbrx.tokenizer import Tokenizer
+
+        dataset = self.cfg[section].get("dataset") or {}
+        where = f"{section}.dataset"
+        if int(dataset.get("max_seq_len") or self.seq_len) > self.seq_len:
+            raise ConfigError(f"{where}.max_seq_len ({dataset['max_seq_len']}) exceeds max_seq_len ({self.seq_len})")
+        try:
+            examples = finetuning.prepare(dataset, Tokenizer(), self.seq_len, where, log=self.log)
+        except finetuning.FinetuningDataError as e:
+            raise ConfigError(str(e)) from None
+        top = max(int(e.input_ids.max()) for e in examples)
+        if top >= self.model.config.vocab_size:
+            raise ConfigError(f"{where}: token id {top} is outside the model's vocabulary "
+                              f"({self.model.config.vocab_size}); DBRX's tokenizer needs vocab_size 100352")
+        return examples
+
+    def _packing_ratio(self, section: str, examples: list[finetuning.Example]) -> float:
+        ratio = (self.cfg[section].get("dataset") or {}).get("packing_ratio")
+        if ratio is None:
+            return 1.0
+        if ratio == "auto":
+            ratio = finetuning.auto_packing_ratio([len(e) for e in examples], self.batch_size, self.seq_len,
+                                                  self.cfg["seed"])
+            self.log(f"{section}.dataset.packing_ratio: auto chose {ratio:g}")
+            return ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1:
+            raise ConfigError(f"{section}.dataset.packing_ratio: expected a number >= 1 or 'auto', got {ratio!r}")
+        return float(ratio)
+
+    def _build_finetuning_loader(self) -> finetuning.FinetuningLoader:
+        examples = self._finetuning_examples("train_loader")
+        dataset = self.cfg["train_loader"].get("dataset") or {}
+        self.packing_ratio = self._packing_ratio("train_loader", examples)
+        return finetuning.FinetuningLoader(examples, self.batch_size, self.seq_len,
+                                           seed=dataset.get("shuffle_seed", self.cfg["seed"]),
+                                           shuffle=dataset.get("shuffle", True), packing_ratio=self.packing_ratio)
+
+    def _build_eval_reader(self) -> MDSReader | list[finetuning.Example] | None:
+        """The held-out set: an MDS reader of token windows, or (finetuning) the validated examples."""
         el = self.cfg.get("eval_loader")
         if not el:
             return None
+        if (el.get("name") or "text") == "finetuning":
+            return self._finetuning_examples("eval_loader")
         streams = open_streams(el.get("dataset") or {}, "eval_loader.dataset")
         if len(streams) != 1:
             raise ConfigError("eval_loader.dataset: give one dataset (local/remote/split), not streams")
@@ -226,10 +279,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ---- one step ---------------------------------------------------------------------------------------------
-    def micro_batch_loss(self, input_ids, labels):
-        """(sum of token losses, tokens counted, load-balancing loss, router logits) for one micro-batch."""
+    def micro_batch_loss(self, input_ids, labels, sequence_id=None):
+        """(sum of token losses, load-balancing loss, router logits) for one micro-batch. Packed rows carry
+        sequence_id (each token's example; -1 on padding)."""
         with self._autocast():
-            h, router_logits = self.model.hidden_states(input_ids)
+            h, router_logits = self.model.hidden_states(input_ids, sequence_id=sequence_id)
             loss_sum = chunked_cross_entropy_sum(
                 h, self.model.lm_head.weight, labels,
                 compute_dtype=torch.bfloat16 if self.amp else self.model.lm_head.weight.dtype)
@@ -241,13 +295,15 @@ class Trainer:
         """Accumulate the global batch's gradient over micro-batches; returns (mean token loss, load-balancing
         loss, the last micro-batch's router logits)."""
         ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        seq = batch["sequence_id"].to(self.device) if "sequence_id" in batch else None
         n_tokens = int((labels[:, 1:] != -100).sum())
         weight = self.model.config.ffn_config.moe_loss_weight
         loss_total, aux_total = 0.0, 0.0
         for start in range(0, ids.shape[0], self.micro):
             mb_ids, mb_labels = ids[start:start + self.micro], labels[start:start + self.micro]
+            mb_seq = None if seq is None else seq[start:start + self.micro]
             share = mb_ids.shape[0] / ids.shape[0]
-            loss_sum, aux, router_logits = self.micro_batch_loss(mb_ids, mb_labels)
+            loss_sum, aux, router_logits = self.micro_batch_loss(mb_ids, mb_labels, mb_seq)
             if not (torch.isfinite(loss_sum) and torch.isfinite(aux)):
                 raise TrainingError(self._nonfinite_message(loss_sum, aux))
             (loss_sum / max(1, n_tokens) + weight * aux * share).backward()
@@ -288,9 +344,16 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         limit = self.cfg.get("eval_subset_num_batches")
-        for batch in eval_batches(self.eval_reader, self.cfg["device_eval_batch_size"], self.seq_len, limit):
+        size = self.cfg["device_eval_batch_size"]
+        if isinstance(self.eval_reader, list):  # fine-tuning: the loss on the held-out responses
+            batches = finetuning.eval_batches(self.eval_reader, size, self.seq_len,
+                                              getattr(self, "packing_ratio", 1.0), limit)
+        else:
+            batches = eval_batches(self.eval_reader, size, self.seq_len, limit)
+        for batch in batches:
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            loss_sum, _, _ = self.micro_batch_loss(ids, labels)
+            seq = batch["sequence_id"].to(self.device) if "sequence_id" in batch else None
+            loss_sum, _, _ = self.micro_batch_loss(ids, labels, seq)
             total += loss_sum.item()
             count += int((labels[:, 1:] != -100).sum())
         self.model.train()
@@ -366,9 +429,18 @@ class Trainer:
         """The newest model in Hugging Face format at SAVE_FOLDER/hf (swapped in whole when complete)."""
         from dbrx.tokenizer import Tokenizer
 
+        from dbrx.lora import has_lora, merge_lora, save_adapter
+
         final, tmp = self.save_folder / "hf", self.save_folder / ".hf.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        model = self.model
+        if has_lora(model):  # the adapters alone (peft's layout) beside a merged plain checkpoint
+            from dbrx.lora import LoraConfig
+
+            peft = LoraConfig.from_dict(self.cfg["model"]["peft_config"])
+            save_adapter(model, peft, self.save_folder / "adapter", self.cfg["model"].get("pretrained"))
+            model = merge_lora(copy.deepcopy(model))
+        model.save_pretrained(tmp)
         Tokenizer().save_pretrained(tmp)
         old = self.save_folder / ".hf.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -438,7 +510,7 @@ class Trainer:
         if self.save_folder:
             if self.cfg.get("save_overwrite") and not self.cfg["autoresume"]:
                 # Start afresh in the same folder: remove what a run writes, and nothing else.
-                for name in (CHECKPOINTS, "hf", "tensorboard", "metrics.jsonl", "loss.png"):
+                for name in (CHECKPOINTS, "hf", "adapter", "tensorboard", "metrics.jsonl", "loss.png"):
                     target = self.save_folder / name
                     if target.is_dir():
                         shutil.rmtree(target)
@@ -483,6 +555,8 @@ class Trainer:
                 tps = window_tokens / max(seconds, 1e-9)
                 row = {"step": self.step, "tokens": self.loader.state["tokens"], **last, "tokens_per_s": tps,
                        "mfu": tps * self.flops_per_token / self.peak_flops, "phase": batch["phase"]}
+                if self.finetuning:
+                    row["packing_efficiency"] = self.loader.packing_efficiency()
                 self._record(row)
                 bar.write(f"step {self.step}/{self.max_steps} | loss {row['loss']:.4f} | lb {row['lb_loss']:.3f} | "
                           f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | {tps:,.0f} tok/s | "
