@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo finetune-demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ demo: $(STAMP)
 	$(BIN)/dbrx train configs/demo.yaml
 	@echo "--- held-out loss and plot: runs/demo/metrics.jsonl, runs/demo/loss.png; a sampled completion: ---"
 	$(BIN)/dbrx generate --model runs/demo/hf --max-new-tokens 64 --temperature 0.7 --top-k 40 --seed 0 --echo "def fibonacci(n):"
+
+# Fine-tuning after `make demo`: the standard library's functions as prompt (signature + docstring) / response
+# (body), from the three sources of the DBRX article: local JSONL, a hub-style dataset, MDS (configs/finetune_*.yaml).
+finetune-demo: $(STAMP)
+	$(BIN)/python -m dbrx.data.stdlib_sft --out runs/data/stdlib_sft
+	$(BIN)/dbrx convert finetuning --dataset json --data-dir runs/data/stdlib_sft --splits train val \
+		--out-root runs/data/stdlib_sft_mds --tokenizer cl100k_base --max-seq-len 512 --compression zstd --overwrite
+	$(BIN)/dbrx train configs/finetune_jsonl.yaml
+	$(BIN)/dbrx train configs/finetune_hub.yaml max_duration=20ba
+	$(BIN)/dbrx train configs/finetune_mds.yaml max_duration=20ba
+	$(BIN)/dbrx train configs/finetune_lora.yaml max_duration=20ba
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py

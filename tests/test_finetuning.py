@@ -302,3 +302,37 @@ def test_auto_packing_ratio_fits_the_data():
     short = [10] * 200
     assert ft.auto_packing_ratio(short, 4, 100) >= 8  # ten 10-token examples fit a 100-token row
     assert ft.auto_packing_ratio([90] * 200, 4, 100) == 1.0  # nothing packs
+
+
+# ---- dbrx convert finetuning ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("folder,compression", [("prompt_response", "zstd"), ("messages", None)])
+def test_convert_finetuning_writes_what_mosaicml_streaming_writes(tmp_path, folder, compression):
+    """The reference fixtures' rows, as a user's JSONL, converted: index.json and shard bytes are identical to
+    those MosaicML Streaming wrote, so Streaming reads our output (and `dbrx train` reads it back)."""
+    from dbrx.cli import main
+    from dbrx.data.mds import MDSReader
+
+    reference = MDSReader(tmp_path / "ref", remote=REFERENCE / folder, split="train")
+    rows = [dict(sample) for sample in reference]
+    write_jsonl(tmp_path / "in" / "train.jsonl", [json.dumps(r, ensure_ascii=False) for r in rows])
+    argv = ["convert", "finetuning", "--dataset", "json", "--data-dir", str(tmp_path / "in"), "--splits", "train",
+            "--out-root", str(tmp_path / "out")] + (["--compression", compression] if compression else [])
+    assert main(argv) == 0
+    for f in (REFERENCE / folder / "train").iterdir():
+        assert (tmp_path / "out" / "train" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert main(argv) == 2  # an existing output is refused without --overwrite
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_convert_finetuning_pretokenized_turns_round_trip(tmp_path, tok):
+    from dbrx.cli import main
+
+    write_jsonl(tmp_path / "in" / "train.jsonl", BAD_JSONL)
+    assert main(["convert", "finetuning", "--dataset", "json", "--data-dir", str(tmp_path / "in"),
+                 "--out-root", str(tmp_path / "out"), "--tokenizer", "cl100k_base", "--max-seq-len", "64"]) == 0
+    from_mds = ft.prepare({"remote": str(tmp_path / "out"), "split": "train"}, tok, 64, "d", log=lambda _: None)
+    from_jsonl = ft.prepare({"hf_name": "json", "hf_kwargs": {"data_dir": str(tmp_path / "in")}}, tok, 64, "d",
+                            log=lambda _: None)
+    assert len(from_mds) == len(from_jsonl) == 2
+    for a, b in zip(from_mds, from_jsonl):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()

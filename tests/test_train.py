@@ -20,6 +20,7 @@ from dbrx.data.mixture import MixtureLoader, Phase, Stream
 from dbrx.train.config import ConfigError, Time, load_config
 from dbrx.train.loss import chunked_cross_entropy_sum, shift_labels
 from dbrx.train.trainer import Trainer, TrainingError
+from tests.conftest import dbrx_config
 
 VOCAB, SEQ = 512, 32
 TINY_MODEL = {"preset": "dbrx-tiny", "d_model": 32, "n_heads": 2, "n_layers": 2, "vocab_size": VOCAB,
@@ -78,6 +79,7 @@ def test_config_errors_name_the_key(tmp_path, data):
     with pytest.raises(ConfigError, match="multiple of device_train_microbatch_size"):
         load_config(path, ["device_train_microbatch_size=3"])
     assert load_config(path, ["max_duration=20ba", "optimizer.lr=0.01"])["optimizer"]["lr"] == 0.01
+    assert load_config(path, ["optimizer.lr=3e-4"])["optimizer"]["lr"] == 3e-4  # YAML 1.1 alone reads a string
 
 
 def test_time_strings():
@@ -272,3 +274,19 @@ def test_chunked_loss_in_bf16_matches_the_bf16_reference(column_major):
     assert abs(got.item() - ref.item()) / ref.item() < 1e-3
     assert (gh - h.grad).abs().max() / h.grad.abs().max() < 2e-2
     assert (gw - w.grad).abs().max() / w.grad.abs().max() < 2e-2
+
+
+def test_lr_multipliers_give_named_parameters_their_own_lr():
+    from dbrx.train.trainer import build_optimizer
+
+    model = DbrxForCausalLM(dbrx_config("A"))
+    opt = build_optimizer(model, {"name": "decoupled_adamw", "lr": 1e-3, "weight_decay": 1e-5,
+                                  "lr_multipliers": {"transformer.wte": 30}})
+    base, emb = opt.param_groups
+    assert base["lr"] == 1e-3 and emb["lr"] == pytest.approx(3e-2)
+    assert emb["params"] == [model.transformer.wte.weight]
+    # decoupled: every group decays by weight_decay * (its lr / its initial lr), whatever its lr
+    assert base["lr"] * base["weight_decay"] == pytest.approx(1e-5)
+    assert emb["lr"] * emb["weight_decay"] == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match="transformer.wt names no trainable parameter"):
+        build_optimizer(model, {"name": "adamw", "lr": 1e-3, "lr_multipliers": {"transformer.wt": 2}})

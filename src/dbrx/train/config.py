@@ -36,7 +36,7 @@ SCHEMA: dict[str, Any] = {
     "train_loader": _LOADER,
     "eval_loader": _LOADER,
     "optimizer": {"name": ("decoupled_adamw", "adamw"), "lr": "number", "betas": "list", "eps": "number",
-                  "weight_decay": "number"},
+                  "weight_decay": "number", "lr_multipliers": "dict"},
     "scheduler": {"name": ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup"),
                   "t_warmup": "time", "alpha_f": "number"},
     "algorithms": {"gradient_clipping": {"clipping_type": ("norm",), "clipping_threshold": "number"}},
@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "progress_bar": True,
 }
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _TIME = re.compile(r"^(\d+(?:\.\d+)?)([KMBT]?)(ba|tok|ep|sp)$")
 _SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
@@ -174,6 +175,8 @@ def apply_override(cfg: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: expected dotted.key=value")
     dotted, raw = override.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; on a command line it means a number
     node = cfg
     keys = dotted.strip().split(".")
     for key in keys[:-1]:

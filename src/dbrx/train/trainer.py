@@ -52,6 +52,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_layout(model: DbrxForCausalLM) -> DbrxForCausalLM:
+    """Row-major lm_head for training: see relayout_lm_head (the fused AdamW kernel is slow on column-major
+    tensors)."""
+    model.relayout_lm_head(column_major=False)
+    return model
+
+
 def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> DbrxForCausalLM:
     """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`, either with an optional
     `peft_config` (LoRA: only the adapters train)."""
@@ -78,7 +85,7 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
     if max_seq_len > model.config.max_seq_len:
         raise ConfigError(f"max_seq_len ({max_seq_len}) exceeds the model's max_seq_len "
                           f"({model.config.max_seq_len}); set model.max_seq_len")
-    model.relayout_lm_head(column_major=False)  # see relayout_lm_head: AdamW is slow on column-major tensors
+    training_layout(model)
     if peft is not None:
         from dbrx.lora import LoraConfig, apply_lora
 
@@ -90,13 +97,34 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
 
 
 def build_optimizer(model: torch.nn.Module, opt: dict) -> torch.optim.Optimizer:
+    """AdamW (fused) over the trainable parameters. `lr_multipliers: {name prefix: factor}` (a dbrx extension)
+    gives some parameters their own lr, e.g. `{transformer.wte: 30}`: the embedding rows of a 100k vocabulary are
+    each updated only when their token occurs, and learn far faster with a larger step."""
     lr, wd = float(opt["lr"]), float(opt.get("weight_decay", 0.0))
-    if opt["name"] == "decoupled_adamw" and lr > 0:
+    decoupled = opt["name"] == "decoupled_adamw"
+    multipliers = {str(k): float(v) for k, v in (opt.get("lr_multipliers") or {}).items()}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # with LoRA, the adapters only
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    used = set()
+    for name, p in named:
+        factor = 1.0
+        for prefix, f in multipliers.items():
+            if name == prefix or name.startswith(prefix + "."):
+                factor = f
+                used.add(prefix)
+        groups.setdefault(factor, []).append(p)
+    unused = set(multipliers) - used
+    if unused:
+        raise ConfigError(f"optimizer.lr_multipliers: {', '.join(sorted(unused))} names no trainable parameter "
+                          "(give a module or parameter name such as transformer.wte or lm_head)")
+    param_groups = []
+    for factor, params in sorted(groups.items(), key=lambda kv: kv[0] != 1.0):  # the base lr's group first (logged)
+        group_lr = lr * factor
         # Composer's DecoupledAdamW decays by weight_decay * lr / initial_lr; torch's AdamW by lr * weight_decay.
-        wd = wd / lr
+        group_wd = wd / group_lr if decoupled and group_lr > 0 else wd
+        param_groups.append({"params": params, "lr": group_lr, "weight_decay": group_wd})
     # The fused kernel updates all parameters in one pass: about 2x faster than foreach on CPU.
-    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))),
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))),
                              eps=float(opt.get("eps", 1e-8)), weight_decay=wd, fused=True)
 
 
@@ -529,8 +557,10 @@ class Trainer:
             elif self._metrics_path().exists():
                 self._metrics_path().unlink()
         mc = self.model.config
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"model: {self.model.num_parameters():,} parameters, {self.model.num_parameters(active=True):,} "
-                 f"active; {mc.num_experts} experts top {mc.top_k}; tokens/step {self.batch_size * self.seq_len:,} "
+                 f"active" + (f", {trainable:,} trainable (LoRA)" if trainable < self.model.num_parameters() else "")
+                 + f"; {mc.num_experts} experts top {mc.top_k}; tokens/step {self.batch_size * self.seq_len:,} "
                  f"({self.batch_size // self.micro} micro-batch(es) of {self.micro}); {self.max_steps} steps; "
                  f"precision {self.cfg['precision']}; matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s "
                  f"on {self.device}")
