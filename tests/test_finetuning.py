@@ -336,3 +336,13 @@ def test_convert_finetuning_pretokenized_turns_round_trip(tmp_path, tok):
     assert len(from_mds) == len(from_jsonl) == 2
     for a, b in zip(from_mds, from_jsonl):
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+def test_csv_through_datasets(tmp_path, tok):
+    import csv
+
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "response"], ["def f():\n", "    return 1\n"], ["q", "a"]])
+    examples = ft.prepare({"hf_name": "csv", "hf_kwargs": {"data_files": str(tmp_path / "train.csv")}}, tok, 64, "d",
+                          log=lambda _: None)
+    assert len(examples) == 2
