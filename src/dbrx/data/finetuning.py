@@ -319,22 +319,14 @@ def read_hf_rows(dataset: dict, split: str, where: str) -> Iterator[Row]:
 def read_mds_rows(dataset: dict, split: str | None, where: str) -> Iterator[Row]:
     """`remote`/`local` (one MDS dataset) or `streams: {name: {remote, local, split}}`, read in order. Rows
     come as LLM Foundry writes them: prompt/response (str), messages (json) or pre-tokenized turns (json)."""
-    from dbrx.data.mds import MDSError, MDSReader
+    from dbrx.data.mds import MDSError
+    from dbrx.data.mixture import open_reader, stream_specs
 
-    specs = dataset.get("streams") or {"default": {k: dataset.get(k) for k in ("local", "remote")}}
-    for name, spec in specs.items():
+    for name, spec in stream_specs(dataset).items():
         if spec.get("proportion") is not None:
             raise FinetuningDataError(f"{where}.streams.{name}.proportion: fine-tuning streams are read whole "
                                       "(one epoch of each); mixing by proportion is for pretraining")
-        local, remote = spec.get("local"), spec.get("remote")
-        if local is None and remote is None:
-            raise FinetuningDataError(f"{where}.streams.{name}: needs 'local' (a directory) or 'remote'")
-        if local is None:
-            local = remote if "://" not in str(remote) else str(Path(".cache") / "mds" / name)
-        try:
-            reader = MDSReader(local, remote=remote if remote != local else None, split=spec.get("split", split))
-        except (OSError, MDSError) as e:
-            raise FinetuningDataError(f"{where}.streams.{name}: {e}") from None
+        reader = open_reader(spec, split, f"{where}.streams.{name}", name)
         paths = reader.shard_paths
         for i in range(len(reader)):
             shard, offset = reader.shard_of(i)

@@ -40,25 +40,34 @@ class Phase:
         return sum(len(s.reader) for s in self.streams)
 
 
+def stream_specs(dataset: dict) -> dict[str, dict]:
+    """`dataset.streams`, or the dataset's own local/remote as one stream named "default"."""
+    return dataset.get("streams") or {"default": {k: dataset.get(k) for k in ("local", "remote")}}
+
+
+def open_reader(spec: dict, split: str | None, where: str, name: str) -> MDSReader:
+    """One stream's MDS reader: `local` (a directory) and/or `remote` (a directory or fsspec URL); a stream's own
+    `split` wins over the dataset's."""
+    local, remote = spec.get("local"), spec.get("remote")
+    if local is None and remote is None:
+        raise ConfigError(f"{where}: needs 'local' (a directory) or 'remote'")
+    if local is None:  # a local remote needs no cache; a real remote gets one beside the run
+        local = remote if "://" not in str(remote) else str(Path(".cache") / "mds" / name)
+    try:
+        return MDSReader(local, remote=remote if remote != local else None, split=spec.get("split", split))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def open_streams(dataset: dict, where: str) -> list[Stream]:
     """`dataset: {local, remote, split}` (one stream) or `dataset: {streams: {name: {local, remote, split,
     proportion}}}`; proportions are normalised to sum to 1."""
-    split = dataset.get("split")
-    specs = dataset.get("streams") or {"default": {k: dataset.get(k) for k in ("local", "remote")}}
     streams = []
-    for name, spec in specs.items():
-        local, remote = spec.get("local"), spec.get("remote")
-        if local is None and remote is None:
-            raise ConfigError(f"{where}.streams.{name}: needs 'local' (a directory) or 'remote'")
-        if local is None:  # a local remote needs no cache; a real remote gets one beside the run
-            local = remote if "://" not in str(remote) else str(Path(".cache") / "mds" / name)
+    for name, spec in stream_specs(dataset).items():
         proportion = spec.get("proportion", 1.0)
         if proportion <= 0:
             raise ConfigError(f"{where}.streams.{name}.proportion must be > 0, got {proportion}")
-        try:
-            reader = MDSReader(local, remote=remote if remote != local else None, split=spec.get("split", split))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{where}.streams.{name}: {e}") from None
+        reader = open_reader(spec, dataset.get("split"), f"{where}.streams.{name}", name)
         if len(reader) == 0:
             raise ConfigError(f"{where}.streams.{name}: the dataset at {local} has no samples")
         streams.append(Stream(name, reader, float(proportion)))

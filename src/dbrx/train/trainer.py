@@ -273,10 +273,10 @@ class Trainer:
     def _build_finetuning_loader(self) -> finetuning.FinetuningLoader:
         examples = self._finetuning_examples("train_loader")
         dataset = self.cfg["train_loader"].get("dataset") or {}
-        self.packing_ratio = self._packing_ratio("train_loader", examples)
         return finetuning.FinetuningLoader(examples, self.batch_size, self.seq_len,
                                            seed=dataset.get("shuffle_seed", self.cfg["seed"]),
-                                           shuffle=dataset.get("shuffle", True), packing_ratio=self.packing_ratio)
+                                           shuffle=dataset.get("shuffle", True),
+                                           packing_ratio=self._packing_ratio("train_loader", examples))
 
     def _build_eval_reader(self) -> MDSReader | list[finetuning.Example] | None:
         """The held-out set: an MDS reader of token windows, or (finetuning) the validated examples."""
@@ -375,7 +375,7 @@ class Trainer:
         size = self.cfg["device_eval_batch_size"]
         if isinstance(self.eval_reader, list):  # fine-tuning: the loss on the held-out responses
             batches = finetuning.eval_batches(self.eval_reader, size, self.seq_len,
-                                              getattr(self, "packing_ratio", 1.0), limit)
+                                              self.loader.packing_ratio if self.finetuning else 1.0, limit)
         else:
             batches = eval_batches(self.eval_reader, size, self.seq_len, limit)
         for batch in batches:
