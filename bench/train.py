@@ -29,8 +29,10 @@ STEP = textwrap.dedent("""
     if impl == "dbrx":
         from dbrx import DbrxForCausalLM
         from dbrx.moe import load_balancing_loss
+        from dbrx.perf import keep_freed_memory
         from dbrx.train.loss import chunked_cross_entropy_sum
         from dbrx.train.trainer import build_optimizer, training_layout
+        keep_freed_memory()  # as the trainer does
         model = training_layout(DbrxForCausalLM.from_pretrained(path, dtype=torch.float32)).train()
         opt = build_optimizer(model, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0})
         f = model.config.ffn_config
@@ -44,7 +46,7 @@ STEP = textwrap.dedent("""
             (loss / ids[:, 1:].numel() + f.moe_loss_weight * aux).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            opt.zero_grad(set_to_none=False)  # as the trainer does: gradient buffers are kept
+            opt.zero_grad(set_to_none=True)
     else:
         import transformers
         model = transformers.DbrxForCausalLM.from_pretrained(path, dtype=torch.float32).train()

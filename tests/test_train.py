@@ -156,6 +156,22 @@ def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("threshold", [1e-3, 1e6])
+def test_a_step_clips_as_clip_grad_norm_does(data, tmp_path, threshold):
+    """The step skips the multiply by 1.0 under the threshold; above it, clipping is clip_grad_norm_'s."""
+    clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": threshold}}
+    cfg = load_config(None, base=run_config(data, tmp_path, save_folder=None, algorithms=clip))
+    ours, ref = Trainer(cfg, log=lambda *_: None), Trainer(cfg, log=lambda *_: None)
+    batch = ours.loader.next_batch()
+    row = ours.train_step(batch)
+    ref.backward_batch(batch)
+    norm = torch.nn.utils.clip_grad_norm_(ref.model.parameters(), threshold).item()
+    ref.optimizer.step()
+    assert row["grad_norm"] == norm and (norm > threshold) == (threshold < 1)
+    for a, b in zip(ours.model.parameters(), ref.model.parameters()):
+        assert torch.equal(a, b)
+
+
 # ---- runs -------------------------------------------------------------------------------------------------------
 def test_a_run_learns_and_writes_metrics_plot_checkpoints_and_hf_export(data, tmp_path):
     save = tmp_path / "run"
