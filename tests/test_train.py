@@ -93,6 +93,15 @@ def _streams(data, pa=0.7, pb=0.3):
             Stream("b", MDSReader(data / "code", split="train"), pb)]
 
 
+def test_an_empty_stream_is_named(tmp_path):
+    from dbrx.data.mixture import open_streams
+
+    write_tokens(tmp_path / "empty" / "train", 0)
+    with pytest.raises(ConfigError, match=r"train_loader.dataset.streams.default: the dataset at .*empty.train "
+                                          "has no samples"):
+        open_streams({"local": str(tmp_path / "empty"), "split": "train"}, "train_loader.dataset")
+
+
 def test_mix_matches_proportions_within_5_percent(data):
     loader = MixtureLoader([Phase(_streams(data), None)], batch_size=8, seq_len=SEQ, seed=0)
     names = [n for _ in range(40) for n in loader.next_batch()["streams"]]

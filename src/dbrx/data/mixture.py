@@ -69,7 +69,7 @@ def open_streams(dataset: dict, where: str) -> list[Stream]:
             raise ConfigError(f"{where}.streams.{name}.proportion must be > 0, got {proportion}")
         reader = open_reader(spec, dataset.get("split"), f"{where}.streams.{name}", name)
         if len(reader) == 0:
-            raise ConfigError(f"{where}.streams.{name}: the dataset at {local} has no samples")
+            raise ConfigError(f"{where}.streams.{name}: the dataset at {reader.local} has no samples")
         streams.append(Stream(name, reader, float(proportion)))
     total = sum(s.proportion for s in streams)
     for s in streams:
