@@ -259,7 +259,9 @@ _RELEASED = {
     "dtype": "bfloat16",
 }
 
-# CPU-sized presets keep the fine-grained shape (16 experts, top 4) and the full cl100k vocabulary.
+# CPU-sized presets keep the fine-grained shape (16 experts, top 4) and the full cl100k vocabulary. dbrx-tiny is
+# the `make demo` model: at a fixed few minutes of 2-core training, 2 layers reached a lower held-out loss than
+# 1, 3, 4 or 6 (a layer costs as much time as a fifth of the 100k-vocab head, and the run is short of tokens).
 PRESETS: dict[str, dict[str, Any]] = {
     "dbrx-base": _RELEASED,
     "dbrx-instruct": _RELEASED,
@@ -270,7 +272,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "moe_loss_weight": 0.05, "moe_normalize_expert_weights": 1.0},
     },
     "dbrx-tiny": {
-        "d_model": 256, "n_heads": 4, "n_layers": 4, "max_seq_len": 1024, "vocab_size": 100352,
+        "d_model": 256, "n_heads": 4, "n_layers": 2, "max_seq_len": 1024, "vocab_size": 100352,
         "attn_config": {"clip_qkv": 8.0, "kv_n_heads": 2, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 384, "moe_num_experts": 16, "moe_top_k": 4, "moe_jitter_eps": 0.0,
                        "moe_loss_weight": 0.05, "moe_normalize_expert_weights": 1.0},
