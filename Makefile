@@ -28,9 +28,12 @@ demo: $(STAMP)
 	@echo "--- held-out loss and plot: runs/demo/metrics.jsonl, runs/demo/loss.png; a sampled completion: ---"
 	$(BIN)/dbrx generate --model runs/demo/hf --max-new-tokens 64 --temperature 0.7 --top-k 40 --seed 0 --echo "def fibonacci(n):"
 
-# Fine-tuning after `make demo`: the standard library's functions as prompt (signature + docstring) / response
-# (body), from the three sources of the DBRX article: local JSONL, a hub-style dataset, MDS (configs/finetune_*.yaml).
+# Fine-tuning after `make demo`: first the end-to-end run (prompt = a standard-library function's docstring and
+# body, response = its signature); then prompt (signature + docstring) / response (body) from the three sources of
+# the DBRX article: local JSONL, a hub-style dataset, MDS; and LoRA (configs/finetune_*.yaml).
 finetune-demo: $(STAMP)
+	$(BIN)/python -m dbrx.data.stdlib_sft --task signature --out runs/data/stdlib_sig
+	$(BIN)/dbrx train configs/finetune_signature.yaml
 	$(BIN)/python -m dbrx.data.stdlib_sft --out runs/data/stdlib_sft
 	$(BIN)/dbrx convert finetuning --dataset json --data-dir runs/data/stdlib_sft --splits train val \
 		--out-root runs/data/stdlib_sft_mds --tokenizer cl100k_base --max-seq-len 512 --compression zstd --overwrite

@@ -35,8 +35,8 @@ FAKE_STDLIB = {
 
 
 def _finetuning_inputs(cfg: dict) -> None:
-    """What the fine-tuning configs expect under runs/: a pretrained checkpoint and the stdlib instruction set
-    (JSONL, hub-style parquet, MDS), built here from a three-file fake standard library."""
+    """What the fine-tuning configs expect under runs/: a pretrained checkpoint and the stdlib instruction sets
+    (JSONL, hub-style parquet, MDS; both tasks), built here from a three-file fake standard library."""
     from dbrx.cli import main
     from dbrx.data import stdlib_sft
 
@@ -44,9 +44,10 @@ def _finetuning_inputs(cfg: dict) -> None:
     for name, text in FAKE_STDLIB.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    splits = stdlib_sft.build(root, val_fraction=0.0)
-    splits["val"] = splits["train"][:2]
-    stdlib_sft.write(Path("runs/data/stdlib_sft"), splits)
+    for task, out in (("body", "runs/data/stdlib_sft"), ("signature", "runs/data/stdlib_sig")):
+        splits = stdlib_sft.build(root, val_fraction=0.0, task=task)
+        splits["val"] = splits["train"][:2]
+        stdlib_sft.write(Path(out), splits, task)
     assert main(["convert", "finetuning", "--dataset", "json", "--data-dir", "runs/data/stdlib_sft", "--splits",
                  "train", "val", "--out-root", "runs/data/stdlib_sft_mds", "--tokenizer", "cl100k_base",
                  "--max-seq-len", "64"]) == 0

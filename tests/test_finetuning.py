@@ -346,3 +346,32 @@ def test_csv_through_datasets(tmp_path, tok):
     examples = ft.prepare({"hf_name": "csv", "hf_kwargs": {"data_files": str(tmp_path / "train.csv")}}, tok, 64, "d",
                           log=lambda _: None)
     assert len(examples) == 2
+
+
+def test_stdlib_instruction_sets(tmp_path):
+    """Both tasks come from the same functions: `body` keeps the source order; `signature` asks for the
+    (dedented) header after the docstring and body, decorators included. Held out by module, never split."""
+    from dbrx.data import stdlib_sft
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "box.py").write_text(
+        'class Box:\n    @cached\n    def get(self, key,\n            default=None):\n        """Return the value."""\n'
+        '        if key in self.data:\n            return self.data[key]\n        return default\n\n'
+        '    def one_line(self): """Doc."""; return 1\n')
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test_box.py").write_text('def test_get():\n    """Doc."""\n    assert True\n')
+    body = stdlib_sft.build(tmp_path, val_fraction=0.0)["train"]
+    assert body == [
+        {"prompt": '    @cached\n    def get(self, key,\n            default=None):\n        """Return the value."""\n',
+         "response": "        if key in self.data:\n            return self.data[key]\n        return default\n"}]
+    splits = stdlib_sft.build(tmp_path, val_fraction=1.0, task="signature")
+    assert splits["train"] == [] and splits["val"] == [{
+        "prompt": f'{stdlib_sft.SIGNATURE_INSTRUCTION}\n\n    """Return the value."""\n    if key in self.data:\n'
+                  '        return self.data[key]\n    return default\n\n',
+        "response": "@cached\ndef get(self, key,\n        default=None):\n"}]
+    stdlib_sft.write(tmp_path / "out", splits, "signature")
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "out" / "hub" / "stdlib-functions" / "data" / "validation-00000-of-00001.parquet")
+    assert table.column_names == ["docstring_and_body", "signature"]
+    with pytest.raises(ValueError, match="unknown task 'name'"):
+        stdlib_sft.build(tmp_path, task="name")
