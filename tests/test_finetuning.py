@@ -350,7 +350,8 @@ def test_csv_through_datasets(tmp_path, tok):
 
 def test_stdlib_instruction_sets(tmp_path):
     """Both tasks come from the same functions: `body` keeps the source order; `signature` asks for the
-    (dedented) header after the docstring and body, decorators included. Held out by module, never split."""
+    (dedented) header after the docstring and body, decorators included. A one-line function has no body after
+    its docstring and the test suite is left out; a module goes to one split whole."""
     from dbrx.data import stdlib_sft
 
     (tmp_path / "pkg").mkdir()

@@ -261,7 +261,7 @@ _RELEASED = {
 
 # CPU-sized presets keep the fine-grained shape (16 experts, top 4) and the full cl100k vocabulary. dbrx-tiny is
 # the `make demo` model: at a fixed few minutes of 2-core training, 2 layers reached a lower held-out loss than
-# 1, 3, 4 or 6 (a layer costs as much time as a fifth of the 100k-vocab head, and the run is short of tokens).
+# 1, 3, 4 or 6 (a layer's step time is about a quarter of the 100k-vocab head's, and the run is short of tokens).
 PRESETS: dict[str, dict[str, Any]] = {
     "dbrx-base": _RELEASED,
     "dbrx-instruct": _RELEASED,
