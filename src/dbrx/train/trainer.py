@@ -343,13 +343,14 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         loss, aux, router_logits = self.backward_batch(batch)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = total_norm.item()
         if not math.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient norm at step {self.step + 1}. " + self._resume_hint())
         # clip_grad_norm_ would also multiply every gradient by 1.0 when the norm is under the threshold: a pass
         # over 70M+ floats (the 100k-vocab head and embedding) for nothing.
         if self.clip_norm and grad_norm + 1e-6 > self.clip_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, torch.tensor(grad_norm))
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, total_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
