@@ -81,7 +81,7 @@ def test_user_errors_are_one_line(capsys, tmp_path):
 
 def test_init_writes_a_checkpoint_that_loads(capsys, tmp_path):
     code, out, _ = run(capsys, "init", "--preset", "dbrx-tiny", "--out", str(tmp_path / "m"), "--dtype", "bfloat16")
-    assert code == 0 and "61,220,096 parameters" in out  # 2 x 100352 x 256 + 256 + 2 layers x 4,919,808
+    assert code == 0 and "28,152,448 parameters" in out  # 2 x 100352 x 128 + 128 + 2 layers x 1,231,104
     names = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     model = DbrxForCausalLM.from_pretrained(tmp_path / "m")
