@@ -261,8 +261,9 @@ _RELEASED = {
 
 # CPU-sized presets keep the fine-grained shape (16 experts, top 4) and the full cl100k vocabulary. dbrx-tiny is
 # the `make demo` model, shaped for a fixed few minutes of 2-core training: the 100k-vocab head takes most of a
-# step and its cost grows with d_model, so a narrow model gets more steps, and at equal time d_model 128 with 2
-# layers reached a lower held-out loss than d_model 96, 192 or 256, or than 3 or 4 layers (see the README).
+# step and its matmuls grow with d_model, so a narrow model gets more steps. At equal time (about 5 minutes),
+# d_model 128 with 2 layers reached 4.82 nats held-out: 4.84 at d_model 96 or 192, 4.93 at 256, 4.84 and 4.83
+# with 3 and 4 layers at 128 (README).
 PRESETS: dict[str, dict[str, Any]] = {
     "dbrx-base": _RELEASED,
     "dbrx-instruct": _RELEASED,
