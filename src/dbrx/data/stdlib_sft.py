@@ -98,8 +98,8 @@ def write(out: Path, splits: dict[str, list[dict]], task: str = "body") -> None:
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     hub = out / "hub" / "stdlib-functions" / "data"
     hub.mkdir(parents=True, exist_ok=True)
+    prompt, response = HUB_COLUMNS[task]
     for split, name in (("train", "train"), ("val", "validation")):
-        prompt, response = HUB_COLUMNS[task]
         table = pa.table({prompt: [r["prompt"] for r in splits[split]],
                           response: [r["response"] for r in splits[split]]})
         with atomic_path(hub / f"{name}-00000-of-00001.parquet") as tmp:
