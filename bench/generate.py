@@ -1,7 +1,7 @@
 """Batch-1 decoding: dbrx.generate against transformers' generate on the same weights, and against the
 machine's memory-bandwidth ceiling (active weight bytes per token / bandwidth of a large matrix-vector product).
 
-    .venv/bin/python bench/generate.py [--new-tokens 128] [--dtypes float32,bfloat16] [--device cpu]
+    .venv/bin/python bench/generate.py [--new-tokens 128] [--dtypes float32,bfloat16,auto] [--device cpu]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.generate import generate
-from dbrx.perf import matvec_bandwidth
+from dbrx.perf import choose_inference_dtype, machine_profile, matvec_bandwidth
 
 
 def active_weight_bytes(model: DbrxForCausalLM, dtype: torch.dtype) -> int:
@@ -37,31 +37,40 @@ def main() -> None:
     ap.add_argument("--preset", default="dbrx-small")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,auto")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (ours and the ceiling only)")
     args = ap.parse_args()
     import transformers
 
+    print(machine_profile(args.device).describe(), flush=True)
     cfg = DbrxConfig.from_name(args.preset)
     torch.manual_seed(0)
     print(f"config {args.preset}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.kv_n_heads} heads, "
           f"{cfg.num_experts} experts top {cfg.top_k}, width {cfg.ffn_config.ffn_hidden_size}, vocab {cfg.vocab_size}; "
-          f"device {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"device {args.device}, transformers {transformers.__version__}")
     prompt = torch.randint(0, 100000, (args.prompt_tokens,)).tolist()
     n = args.new_tokens
+    speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        DbrxForCausalLM(cfg).save_pretrained(tmp)
+        model = DbrxForCausalLM(cfg)
+        model.save_pretrained(tmp)
+        n_params = model.num_parameters()
+        del model
         for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
-            bw = matvec_bandwidth(dtype=torch.float32, device=args.device)
+            if dtype_name == "auto":  # what `dbrx generate --dtype auto` would choose here
+                dtype = choose_inference_dtype("auto", args.device, torch.float32, n_params, None)
+                dtype_name = f"auto={str(dtype).removeprefix('torch.')}"
+            else:
+                dtype = getattr(torch, dtype_name)
+            bw = matvec_bandwidth(torch.float32, args.device)
             ours = DbrxForCausalLM.from_pretrained(tmp, dtype=dtype, device=args.device)
             generate(ours, prompt, 2)  # warm-up
             t_ours = best_of(lambda: generate(ours, prompt, n), args.reps)
             t_prefill = best_of(lambda: generate(ours, prompt, 1), args.reps)
             decode_tps = (n - 1) / (t_ours - t_prefill)
+            speeds[dtype_name] = decode_tps
             ceiling = bw / active_weight_bytes(ours, dtype)
             line = (f"[{dtype_name}] ours: {n / t_ours:7.2f} tok/s end to end, decode {decode_tps:7.2f} tok/s = "
                     f"{decode_tps / ceiling:5.1%} of the bandwidth ceiling {ceiling:6.2f} tok/s "
@@ -81,6 +90,12 @@ def main() -> None:
                          f"ours/transformers = {t_hf / t_ours:.2f}x; greedy tokens identical: {same}")
                 del hf
             print(line, flush=True)
+    auto = next((k for k in speeds if k.startswith("auto=")), None)
+    if auto:
+        fastest = max((k for k in speeds if k != auto), key=speeds.get, default=None)
+        if fastest:
+            print(f"--dtype auto chose {auto.split('=')[1]}; the fastest decode measured here: {fastest} "
+                  f"({speeds[fastest]:.2f} tok/s; auto {speeds[auto]:.2f})")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from dbrx.perf import machine_profile
+
+    print(machine_profile().describe(), flush=True)
     model = DbrxForCausalLM(DbrxConfig.from_name(args.preset)).to(getattr(torch, args.dtype))
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     with tempfile.TemporaryDirectory() as tmp:

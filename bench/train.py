@@ -2,7 +2,7 @@
 the same weights, batch and dtype, each in a fresh process (so peak memory is its own), plus MFU on
 active-parameter FLOPs against the fp32/bf16 matmul peak measured in the same run.
 
-    .venv/bin/python bench/train.py [--preset dbrx-small] [--batch 4] [--seq 512] [--steps 3]
+    .venv/bin/python bench/train.py [--preset dbrx-small] [--batch 4] [--seq 512] [--precisions fp32,amp_bf16]
 """
 
 from __future__ import annotations
@@ -87,28 +87,36 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--precisions", default="fp32,amp_bf16")
+    ap.add_argument("--force", action="store_true", help="run amp_bf16 even where bf16 matmul is emulated")
     args = ap.parse_args()
     import torch
 
     from dbrx import DbrxConfig, DbrxForCausalLM
-    from dbrx.perf import matmul_flops
+    from dbrx.perf import BF16_WARN_SLOWDOWN, choose_training_precision, machine_profile
 
+    profile = machine_profile()
+    print(profile.describe(), flush=True)
+    auto = choose_training_precision("auto", "cpu", log=print)
     cfg = DbrxConfig.from_name(args.preset)
     torch.manual_seed(0)
     model = DbrxForCausalLM(cfg)
     active = model.num_parameters(active=True) - cfg.vocab_size * cfg.d_model
     flops_per_token = 6 * active + 12 * cfg.n_layers * cfg.d_model * args.seq
-    peak = {"fp32": matmul_flops(dtype=torch.float32), "amp_bf16": matmul_flops(dtype=torch.bfloat16)}
+    peak = {"fp32": profile.fp32_flops, "amp_bf16": profile.bf16_flops}
     print(f"{args.preset}: {model.num_parameters():,} parameters, {active:,} active non-embedding; batch "
-          f"{args.batch} x {args.seq} tokens; {flops_per_token / 1e6:.0f} MFLOP/token; matmul peak fp32 "
-          f"{peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['amp_bf16'] / 1e9:.0f} GFLOP/s; "
-          f"{torch.get_num_threads()} threads")
+          f"{args.batch} x {args.seq} tokens; {flops_per_token / 1e6:.0f} MFLOP/token")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         del model
         results = {}
+        precisions = [p for p in ("fp32", "amp_bf16") if p in args.precisions.split(",")]
+        if "amp_bf16" in precisions and profile.bf16_speedup * BF16_WARN_SLOWDOWN < 1 and not args.force:
+            precisions.remove("amp_bf16")
+            print(f"amp_bf16 skipped: bf16 matmul is {1 / profile.bf16_speedup:,.0f}x slower than fp32 here "
+                  f"(precision auto chooses {auto}); --force runs it anyway")
         for impl in ("dbrx",) + (() if args.no_hf else ("transformers",)):
-            for precision in ("fp32", "amp_bf16"):
+            for precision in precisions:
                 r = run(impl, tmp, precision, args)
                 results[impl, precision] = r
                 if "error" in r:
@@ -118,12 +126,14 @@ def main() -> None:
                 print(f"{impl:>12} {precision:>8}: {r['tokens_per_s']:8.0f} tok/s, MFU {mfu:5.1%} of the "
                       f"{precision} matmul peak, peak memory +{r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
     speed = {k: v.get("tokens_per_s") for k, v in results.items()}
-    line = f"amp_bf16 / fp32 (ours): {speed['dbrx', 'amp_bf16'] / speed['dbrx', 'fp32']:.2f}x"
-    for precision in ("fp32", "amp_bf16"):
+    ratios = []
+    if speed.get(("dbrx", "amp_bf16")) and speed.get(("dbrx", "fp32")):
+        ratios.append(f"amp_bf16 / fp32 (ours): {speed['dbrx', 'amp_bf16'] / speed['dbrx', 'fp32']:.2f}x")
+    for precision in precisions:
         theirs = speed.get(("transformers", precision))
-        if theirs:
-            line += f"; ours / transformers {precision}: {speed['dbrx', precision] / theirs:.2f}x"
-    print(line)
+        if theirs and speed.get(("dbrx", precision)):
+            ratios.append(f"ours / transformers {precision}: {speed['dbrx', precision] / theirs:.2f}x")
+    print("; ".join(ratios))
 
 
 if __name__ == "__main__":

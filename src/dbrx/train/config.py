@@ -52,7 +52,7 @@ SCHEMA: dict[str, Any] = {
     "global_train_batch_size": "int",
     "device_train_microbatch_size": "int",
     "device_eval_batch_size": "int",
-    "precision": ("fp32", "amp_bf16"),
+    "precision": ("auto", "fp32", "amp_bf16"),
     "callbacks": {"curriculum_learning": _CURRICULUM, "speed_monitor": "dict", "lr_monitor": "dict",
                   "memory_monitor": "dict", "runtime_estimator": "dict"},
     "loggers": {"tensorboard": {"log_dir": "path", "flush_interval": "int"}},
@@ -77,19 +77,22 @@ DEFAULTS: dict[str, Any] = {
     "eval_first": False,
     "save_num_checkpoints_to_keep": -1,
     "autoresume": False,
-    "precision": "fp32",
+    "precision": "auto",
     "console_log_interval": "10ba",
     "progress_bar": True,
 }
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-_TIME = re.compile(r"^(\d+(?:\.\d+)?)([KMBT]?)(ba|tok|ep|sp)$")
+_TIME = re.compile(r"^(\d+(?:\.\d+)?)([KMBT]?)(ba|tok|ep|sp|dur|min|h|s)$")
 _SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+_SECONDS = {"s": 1, "min": 60, "h": 3600}
 
 
 @dataclass(frozen=True)
 class Time:
-    """A duration in Composer's units: batches (ba), tokens (tok), epochs (ep) or samples (sp)."""
+    """A duration in Composer's units: batches (ba), tokens (tok), epochs (ep), samples (sp) or a fraction of
+    the whole run (dur, as in `eval_interval: 0.25dur`); or, our extension for max_duration, wall-clock time
+    (`9min`, `90s`, `1.5h`, kept in seconds as unit "s"): the run then sizes itself to that budget."""
 
     value: float
     unit: str
@@ -99,10 +102,19 @@ class Time:
         if isinstance(text, int) and not isinstance(text, bool):
             return cls(float(text), "ba")  # Composer reads a bare integer as batches
         m = _TIME.match(str(text).strip()) if isinstance(text, str) else None
-        if not m:
+        if not m or (m.group(3) in _SECONDS and m.group(2)):
             raise ConfigError(f"{key}: {text!r} is not a duration; expected a number with a unit: "
-                              "'2000ba' (batches), '10Mtok' (tokens), '1ep' (epochs) or '512sp' (samples)")
-        return cls(float(m.group(1)) * _SCALE[m.group(2)], m.group(3))
+                              "'2000ba' (batches), '10Mtok' (tokens), '1ep' (epochs), '512sp' (samples), "
+                              "'0.25dur' (a fraction of the run), or for max_duration a wall-clock budget "
+                              "('9min', '600s', '2h')")
+        value, unit = float(m.group(1)) * _SCALE[m.group(2)], m.group(3)
+        if unit in _SECONDS:
+            return cls(value * _SECONDS[unit], "s")
+        return cls(value, unit)
+
+    @property
+    def wall_clock(self) -> bool:
+        return self.unit == "s"
 
     def __str__(self) -> str:
         return f"{self.value:g}{self.unit}"

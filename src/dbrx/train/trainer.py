@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,11 +29,14 @@ from dbrx.checkpoint import CheckpointError
 from dbrx.config import DbrxConfig
 from dbrx.data import finetuning
 from dbrx.data.mds import MDSReader
-from dbrx.data.mixture import MixtureLoader, Phase, batches_per_epoch, eval_batches, open_streams
+from dbrx.data.mixture import (
+    MixtureLoader, Phase, batches_per_epoch, eval_batches, open_streams, unigram_entropy,
+)
 from dbrx.fileio import atomic_path, atomic_write_text
 from dbrx.model import DbrxForCausalLM
 from dbrx.moe import load_balancing_loss
-from dbrx.perf import keep_freed_memory, matmul_flops
+from dbrx.perf import choose_training_precision, keep_freed_memory, machine_profile
+from dbrx.train.budget import plan_steps
 from dbrx.train.config import ConfigError, Time
 from dbrx.train.loss import chunked_cross_entropy_sum
 
@@ -167,9 +171,21 @@ def _set_rng_state(state: dict) -> None:
             [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
 
 
+def _phase_duration(text, where: str) -> Time:
+    t = Time.parse(text, where)
+    if t.unit not in ("ba", "tok", "ep", "sp"):
+        raise ConfigError(f"{where}: a curriculum phase lasts a number of batches, tokens, epochs or samples, "
+                          f"not {t}")
+    return t
+
+
 # ---- the trainer -------------------------------------------------------------------------------------------------
 class Trainer:
+    PROBE_STEPS = 6  # timed steps (after WARMUP_STEPS untimed ones) before a wall-clock budget fixes the count
+    WARMUP_STEPS = 2
+
     def __init__(self, cfg: dict, log=print):
+        self._t0 = time.perf_counter()  # a wall-clock max_duration counts from here
         self.cfg, self.log = cfg, log
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
@@ -178,7 +194,8 @@ class Trainer:
         self.seq_len = cfg["max_seq_len"]
         self.batch_size = cfg["global_train_batch_size"]
         self.micro = cfg["device_train_microbatch_size"]
-        self.amp = cfg["precision"] == "amp_bf16"
+        self.precision = choose_training_precision(cfg["precision"], self.device, log)
+        self.amp = self.precision == "amp_bf16"
         self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
 
         self.model = build_model(cfg["model"], self.seq_len, self.device)
@@ -186,19 +203,38 @@ class Trainer:
         self.loader = self._build_finetuning_loader() if self.finetuning else self._build_loader()
         self.eval_reader = self._build_eval_reader()
 
-        per_epoch = (self.loader.batches_per_epoch() if self.finetuning
-                     else batches_per_epoch(self.loader.phases, self.batch_size))
-        self.max_steps = self._to_batches(Time.parse(cfg["max_duration"], "max_duration"), per_epoch)
-        self.eval_every = self._to_batches(Time.parse(cfg["eval_interval"], "eval_interval"), per_epoch)
-        self.save_every = (self._to_batches(Time.parse(cfg["save_interval"], "save_interval"), per_epoch)
-                           if cfg.get("save_interval") else None)
-        self.log_every = self._to_batches(Time.parse(cfg["console_log_interval"], "console_log_interval"), per_epoch)
+        self.per_epoch = (self.loader.batches_per_epoch() if self.finetuning
+                          else batches_per_epoch(self.loader.phases, self.batch_size))
+        self.duration = Time.parse(cfg["max_duration"], "max_duration")
+        if self.duration.unit == "dur":
+            raise ConfigError("max_duration: 'dur' is a fraction of max_duration itself; give batches, tokens, "
+                              "epochs, samples or a wall-clock budget such as 9min")
+        self.intervals = {key: Time.parse(cfg[key], key) if cfg.get(key) else None
+                          for key in ("eval_interval", "save_interval", "console_log_interval")}
+        for key, t in self.intervals.items():
+            if t is not None and t.wall_clock:
+                raise ConfigError(f"{key}: {t} is wall-clock time, which only max_duration takes; give a fraction "
+                                  "of the run instead, e.g. 0.25dur")
         sched = cfg["scheduler"]
-        warmup = self._to_batches(Time.parse(sched.get("t_warmup", "0ba"), "scheduler.t_warmup"), per_epoch)
+        self.warmup_time = Time.parse(sched.get("t_warmup", "0ba"), "scheduler.t_warmup")
+        if self.duration.wall_clock and self.warmup_time.unit == "dur":
+            raise ConfigError(f"scheduler.t_warmup: {self.warmup_time} is a fraction of a run whose length a "
+                              f"wall-clock max_duration ({cfg['max_duration']}) only fixes after the first steps; "
+                              "give the warm-up in batches (e.g. 30ba) or tokens")
+        self.budget_s = self.duration.value if self.duration.wall_clock else None
+        self.max_steps: int | None = None  # with a wall-clock budget, fixed after the first steps (fix_step_count)
+        self.eval_every = self.save_every = self.log_every = None
+        self.warmup = 1 if self.warmup_time.unit == "dur" else self._to_batches(self.warmup_time, "scheduler.t_warmup")
+        if not self.duration.wall_clock:
+            self.fix_step_count(self._to_batches(self.duration, "max_duration"))
 
         self.optimizer = build_optimizer(self.model, cfg["optimizer"])
+        alpha_f = float(sched.get("alpha_f", 0.0))
+        # Read at every step, so that the count fixed by a wall-clock budget (or a resume) is the one it uses;
+        # before then, warm-up steps are exact and a step past them sees the peak of the schedule.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_multiplier(sched["name"], warmup, self.max_steps, float(sched.get("alpha_f", 0.0))))
+            self.optimizer, lambda step: lr_multiplier(sched["name"], self.warmup, self.max_steps or 2**62,
+                                                       alpha_f)(step))
         clip = cfg["algorithms"].get("gradient_clipping") or {}
         self.clip_norm = float(clip.get("clipping_threshold", 1.0)) if clip else None
 
@@ -207,20 +243,40 @@ class Trainer:
         mc = self.model.config
         active = self.model.num_parameters(active=True) - mc.vocab_size * mc.d_model  # lookups are not FLOPs
         self.flops_per_token = 6 * active + 12 * mc.n_layers * mc.d_model * self.seq_len
-        self.peak_flops = matmul_flops(dtype=torch.bfloat16 if self.amp else torch.float32, device=self.device)
+        profile = machine_profile(self.device)
+        self.peak_flops = profile.bf16_flops if self.amp else profile.fp32_flops
 
     # ---- construction helpers ---------------------------------------------------------------------------------
-    def _to_batches(self, t: Time, per_epoch: int) -> int:
+    def _to_batches(self, t: Time, key: str, total: int | None = None) -> int:
+        """Batches in a duration; `dur` (a fraction of the run) needs the run's step count `total`."""
         per_batch = self.batch_size * self.seq_len
         if t.unit == "ba":
             n = t.value
         elif t.unit == "ep":
-            n = t.value * per_epoch
+            n = t.value * self.per_epoch
         elif t.unit == "sp":
             n = t.value / self.batch_size
-        else:
+        elif t.unit == "dur":
+            if total is None:
+                raise ConfigError(f"{key}: {t} needs the run's length, which is not known yet")
+            n = t.value * total
+        elif t.unit == "tok":
             n = t.value / per_batch
+        else:
+            raise ConfigError(f"{key}: {t} is wall-clock time, which only max_duration takes")
         return max(1, math.ceil(n))
+
+    def intervals_for(self, total: int) -> tuple[int | None, int | None, int]:
+        """(eval_every, save_every, log_every) in batches for a run of `total` steps."""
+        every = {key: None if t is None else self._to_batches(t, key, total) for key, t in self.intervals.items()}
+        return every["eval_interval"], every["save_interval"], every["console_log_interval"] or 10
+
+    def fix_step_count(self, total: int) -> None:
+        """The run's length in steps, and what follows from it: the intervals given as fractions of the run and
+        the schedule (which reads self.max_steps)."""
+        self.max_steps = total
+        self.eval_every, self.save_every, self.log_every = self.intervals_for(total)
+        self.warmup = self._to_batches(self.warmup_time, "scheduler.t_warmup", total)
 
     def _build_loader(self) -> MixtureLoader:
         tl = self.cfg["train_loader"]
@@ -228,7 +284,7 @@ class Trainer:
         phases = [Phase(open_streams(dataset, "train_loader.dataset"), None)]
         curriculum = (self.cfg.get("callbacks") or {}).get("curriculum_learning")
         if curriculum:
-            phases[0].duration = Time.parse(curriculum["duration"], "callbacks.curriculum_learning.duration")
+            phases[0].duration = _phase_duration(curriculum["duration"], "callbacks.curriculum_learning.duration")
             for i, entry in enumerate(curriculum.get("schedule") or []):
                 where = f"callbacks.curriculum_learning.schedule[{i}]"
                 if not isinstance(entry, dict) or "duration" not in entry:
@@ -236,7 +292,7 @@ class Trainer:
                 ds = entry.get("dataset") or (entry.get("train_loader") or {}).get("dataset")
                 if not ds:
                     raise ConfigError(f"{where}: needs a 'dataset' (or 'train_loader.dataset') with its streams")
-                phases.append(Phase(open_streams(ds, f"{where}.dataset"), Time.parse(entry["duration"], where)))
+                phases.append(Phase(open_streams(ds, f"{where}.dataset"), _phase_duration(entry["duration"], where)))
             phases[-1].duration = None
         return MixtureLoader(phases, self.batch_size, self.seq_len, seed=self.cfg["seed"],
                              shuffle=dataset.get("shuffle", True))
@@ -379,21 +435,26 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
+        for batch in self._eval_batches():
+            loss_sum, n = self._eval_batch_loss(batch)
+            total, count = total + loss_sum, count + n
+        self.model.train()
+        return total / max(1, count)
+
+    def _eval_batches(self):
         limit = self.cfg.get("eval_subset_num_batches")
         size = self.cfg["device_eval_batch_size"]
         if isinstance(self.eval_reader, list):  # fine-tuning: the loss on the held-out responses
-            batches = finetuning.eval_batches(self.eval_reader, size, self.seq_len,
-                                              self.loader.packing_ratio if self.finetuning else 1.0, limit)
-        else:
-            batches = eval_batches(self.eval_reader, size, self.seq_len, limit)
-        for batch in batches:
-            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            seq = batch["sequence_id"].to(self.device) if "sequence_id" in batch else None
-            loss_sum, _, _ = self.micro_batch_loss(ids, labels, seq)
-            total += loss_sum.item()
-            count += int((labels[:, 1:] != -100).sum())
-        self.model.train()
-        return total / max(1, count)
+            return finetuning.eval_batches(self.eval_reader, size, self.seq_len,
+                                           self.loader.packing_ratio if self.finetuning else 1.0, limit)
+        return eval_batches(self.eval_reader, size, self.seq_len, limit)
+
+    def _eval_batch_loss(self, batch: dict) -> tuple[float, int]:
+        """(sum of token losses, tokens scored) of one eval batch."""
+        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        seq = batch["sequence_id"].to(self.device) if "sequence_id" in batch else None
+        loss_sum, _, _ = self.micro_batch_loss(ids, labels, seq)
+        return loss_sum.item(), int((labels[:, 1:] != -100).sum())
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
@@ -460,6 +521,11 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
+        if self.budget_s is not None and state["run"].get("max_steps"):
+            # The count a wall-clock budget fixed stays the run's count: its schedule and intervals resume as
+            # they were, whatever this machine's speed now.
+            self.fix_step_count(state["run"]["max_steps"])
+            self.log(f"max_duration {self.cfg['max_duration']}: the resumed run keeps its {self.max_steps:,} steps")
 
     def export_hf(self) -> None:
         """The newest model in Hugging Face format at SAVE_FOLDER/hf (swapped in whole when complete)."""
@@ -534,6 +600,57 @@ class Trainer:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
 
+    # ---- a wall-clock budget ----------------------------------------------------------------------------------
+    def size_to_budget(self, step_s: float, write=None) -> None:
+        """Fix the step count so that the rest of the run (steps, evaluations, checkpoints, the final export)
+        ends within max_duration of the trainer's start."""
+        eval_s = self._time_evaluation() if self.eval_reader is not None else 0.0
+        save_s, export_s = self._time_saving()
+        reserve = 0.02 * self.budget_s + 1.0 + (export_s if self.save_folder and not self.save_every else 0.0)
+        remaining = self.budget_s - (time.perf_counter() - self._t0) - reserve
+
+        def save_every(total: int) -> int | None:
+            return self.intervals_for(total)[1] if self.save_folder else None
+
+        plan = plan_steps(self.step, remaining, step_s, eval_s, save_s,
+                          lambda total: self.intervals_for(total)[0] if self.eval_reader is not None else None,
+                          save_every)
+        self.fix_step_count(plan.steps)
+        (write or self.log)(plan.describe(self.budget_s, self.step))
+
+    def _time_evaluation(self) -> float:
+        """One evaluation's time, from one timed eval batch (after an untimed one) times the number of batches."""
+        self.model.eval()
+        batches = list(self._eval_batches())
+        times = []
+        with torch.no_grad():
+            for batch in batches[:2]:
+                t0 = time.perf_counter()
+                self._eval_batch_loss(batch)
+                times.append(time.perf_counter() - t0)
+        self.model.train()
+        return times[-1] * len(batches) if times else 0.0
+
+    def _time_saving(self) -> tuple[float, float]:
+        """(a checkpoint's time, the Hugging Face export's time), from a timed write of the model's weights: a
+        checkpoint writes them twice (its own copy and the export) plus the optimizer's state."""
+        if self.save_folder is None:
+            return 0.0, 0.0
+        from dbrx.tokenizer import Tokenizer
+
+        Tokenizer()._tokenizer_json()  # built once per process (2 s), before the timing: later exports reuse it
+        self.save_folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        probe = self.save_folder / ".write_probe.safetensors"
+        t0 = time.perf_counter()
+        save_file(weights, probe)
+        write_s = time.perf_counter() - t0
+        probe.unlink()
+        model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        opt_bytes = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
+                        for t in st.values() if torch.is_tensor(t))
+        return write_s * (2 + opt_bytes / max(1, model_bytes)), write_s
+
     # ---- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to max_steps (continuing from where this trainer, or the newest checkpoint, stands)."""
@@ -566,12 +683,12 @@ class Trainer:
                 self._metrics_path().unlink()
         mc = self.model.config
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        steps = f"{self.max_steps} steps" if self.max_steps else f"as many steps as fit in {self.cfg['max_duration']}"
         self.log(f"model: {self.model.num_parameters():,} parameters, {self.model.num_parameters(active=True):,} "
                  f"active" + (f", {trainable:,} trainable (LoRA)" if trainable < self.model.num_parameters() else "")
                  + f"; {mc.num_experts} experts top {mc.top_k}; tokens/step {self.batch_size * self.seq_len:,} "
-                 f"({self.batch_size // self.micro} micro-batch(es) of {self.micro}); {self.max_steps} steps; "
-                 f"precision {self.cfg['precision']}; matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s "
-                 f"on {self.device}")
+                 f"({self.batch_size // self.micro} micro-batch(es) of {self.micro}); {steps}; precision "
+                 f"{self.precision}; matmul peak {self.peak_flops / 1e9:,.1f} GFLOP/s on {self.device}")
         if self.cfg["eval_first"] and self.step == 0:
             self._eval_and_record()
 
@@ -581,13 +698,23 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.cfg["progress_bar"], unit="ba",
                    dynamic_ncols=True, file=sys.stderr)
         window_t, window_tokens = time.perf_counter(), 0
-        last = {}
-        while self.step < self.max_steps:
+        last, probe = {}, []
+        while self.max_steps is None or self.step < self.max_steps:
             batch = self.loader.next_batch()
+            t0 = time.perf_counter()
             last = self.train_step(batch)
             window_tokens += batch["input_ids"].numel()
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if self.max_steps is None:  # a wall-clock budget: time the first steps, then fix the count
+                probe.append(time.perf_counter() - t0)
+                if len(probe) < self.WARMUP_STEPS + self.PROBE_STEPS:
+                    continue
+                paused = time.perf_counter()
+                self.size_to_budget(statistics.median(probe[self.WARMUP_STEPS:]), bar.write)
+                window_t += time.perf_counter() - paused
+                bar.total = self.max_steps
+                bar.refresh()
             if self.step % self.log_every == 0 or self.step == self.max_steps:
                 seconds = time.perf_counter() - window_t
                 tps = window_tokens / max(seconds, 1e-9)
@@ -616,8 +743,11 @@ class Trainer:
             self.plot()
         if self.tb:
             self.tb.close()
-        return {"step": self.step, "tokens": self.loader.state["tokens"], **last,
-                "eval_loss": next((r["eval_loss"] for r in reversed(self.metrics_rows) if "eval_loss" in r), None)}
+        summary = {"step": self.step, "tokens": self.loader.state["tokens"], **last,
+                   "eval_loss": next((r["eval_loss"] for r in reversed(self.metrics_rows) if "eval_loss" in r), None)}
+        if not self.finetuning:
+            summary["unigram_entropy"] = unigram_entropy([s.reader for s in self.loader.phases[0].streams])
+        return summary
 
     def _eval_and_record(self, write=None) -> None:
         t0 = time.perf_counter()
