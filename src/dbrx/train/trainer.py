@@ -181,8 +181,10 @@ def _phase_duration(text, where: str) -> Time:
 
 # ---- the trainer -------------------------------------------------------------------------------------------------
 class Trainer:
-    PROBE_STEPS = 6  # timed steps (after WARMUP_STEPS untimed ones) before a wall-clock budget fixes the count
-    WARMUP_STEPS = 2
+    # A wall-clock budget fixes the count from the median of PROBE_STEPS timed steps, after WARMUP_STEPS untimed
+    # ones: the first steps are slower (allocations, matmul kernels built for new shapes as routing settles).
+    PROBE_STEPS = 10
+    WARMUP_STEPS = 5
 
     def __init__(self, cfg: dict, log=print):
         self._t0 = time.perf_counter()  # a wall-clock max_duration counts from here
@@ -222,6 +224,7 @@ class Trainer:
                               f"wall-clock max_duration ({cfg['max_duration']}) only fixes after the first steps; "
                               "give the warm-up in batches (e.g. 30ba) or tokens")
         self.budget_s = self.duration.value if self.duration.wall_clock else None
+        self._eval_s = self._save_s = self._export_s = 0.0  # measured costs a budget plans with
         self.max_steps: int | None = None  # with a wall-clock budget, fixed after the first steps (fix_step_count)
         self.eval_every = self.save_every = self.log_every = None
         self.warmup = 1 if self.warmup_time.unit == "dur" else self._to_batches(self.warmup_time, "scheduler.t_warmup")
@@ -604,19 +607,33 @@ class Trainer:
     def size_to_budget(self, step_s: float, write=None) -> None:
         """Fix the step count so that the rest of the run (steps, evaluations, checkpoints, the final export)
         ends within max_duration of the trainer's start."""
-        eval_s = self._time_evaluation() if self.eval_reader is not None else 0.0
-        save_s, export_s = self._time_saving()
-        reserve = 0.02 * self.budget_s + 1.0 + (export_s if self.save_folder and not self.save_every else 0.0)
+        self._eval_s = self._time_evaluation() if self.eval_reader is not None else 0.0
+        self._save_s, self._export_s = self._time_saving()
+        plan = self._plan(step_s)
+        self.fix_step_count(plan.steps)
+        (write or self.log)(plan.describe(self.budget_s, self.step))
+
+    def keep_to_budget(self, step_s: float, write=None) -> None:
+        """A budget is a limit: where the machine has slowed down since the count was fixed (shared machines
+        move by 10-40%), so that the fixed count would overrun max_duration, the count shrinks to what still fits
+        at the recent speed, and the schedule ends there. Never grows."""
+        plan = self._plan(step_s)
+        if plan.steps < self.max_steps:
+            (write or self.log)(f"running slower than timed ({step_s:.3f} s a step): {self.max_steps:,} -> "
+                                f"{plan.steps:,} steps, to end within max_duration {self.cfg['max_duration']}")
+            self.fix_step_count(plan.steps)
+
+    def _plan(self, step_s: float):
+        reserve = 0.02 * self.budget_s + 1.0 + (self._export_s if self.save_folder and not self.save_every else 0.0)
         remaining = self.budget_s - (time.perf_counter() - self._t0) - reserve
+
+        def eval_every(total: int) -> int | None:
+            return self.intervals_for(total)[0] if self.eval_reader is not None else None
 
         def save_every(total: int) -> int | None:
             return self.intervals_for(total)[1] if self.save_folder else None
 
-        plan = plan_steps(self.step, remaining, step_s, eval_s, save_s,
-                          lambda total: self.intervals_for(total)[0] if self.eval_reader is not None else None,
-                          save_every)
-        self.fix_step_count(plan.steps)
-        (write or self.log)(plan.describe(self.budget_s, self.step))
+        return plan_steps(self.step, remaining, step_s, self._eval_s, self._save_s, eval_every, save_every)
 
     def _time_evaluation(self) -> float:
         """One evaluation's time, from one timed eval batch (after an untimed one) times the number of batches."""
@@ -698,23 +715,27 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.cfg["progress_bar"], unit="ba",
                    dynamic_ncols=True, file=sys.stderr)
         window_t, window_tokens = time.perf_counter(), 0
-        last, probe = {}, []
+        last, step_times = {}, []
         while self.max_steps is None or self.step < self.max_steps:
             batch = self.loader.next_batch()
             t0 = time.perf_counter()
             last = self.train_step(batch)
+            step_times.append(time.perf_counter() - t0)
             window_tokens += batch["input_ids"].numel()
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
-            if self.max_steps is None:  # a wall-clock budget: time the first steps, then fix the count
-                probe.append(time.perf_counter() - t0)
-                if len(probe) < self.WARMUP_STEPS + self.PROBE_STEPS:
-                    continue
+            if self.budget_s is not None:  # time the first steps, then fix the count; later, keep to the budget
                 paused = time.perf_counter()
-                self.size_to_budget(statistics.median(probe[self.WARMUP_STEPS:]), bar.write)
+                if self.max_steps is None:
+                    if len(step_times) < self.WARMUP_STEPS + self.PROBE_STEPS:
+                        continue
+                    self.size_to_budget(statistics.median(step_times[self.WARMUP_STEPS:]), bar.write)
+                elif self.step % self.log_every == 0 and len(step_times) >= 2 * self.PROBE_STEPS:
+                    self.keep_to_budget(statistics.median(step_times[-5 * self.PROBE_STEPS:]), bar.write)
                 window_t += time.perf_counter() - paused
-                bar.total = self.max_steps
-                bar.refresh()
+                if bar.total != self.max_steps:
+                    bar.total = self.max_steps
+                    bar.refresh()
             if self.step % self.log_every == 0 or self.step == self.max_steps:
                 seconds = time.perf_counter() - window_t
                 tps = window_tokens / max(seconds, 1e-9)
@@ -731,9 +752,12 @@ class Trainer:
             paused = time.perf_counter()
             if self.eval_reader is not None and (self.step % self.eval_every == 0 or self.step == self.max_steps):
                 self._eval_and_record(bar.write)
+                self._eval_s = time.perf_counter() - paused  # what the budget plans with from now on
             if self.save_folder and self.save_every and (self.step % self.save_every == 0
                                                          or self.step == self.max_steps):
+                t_save = time.perf_counter()
                 path = self.save_checkpoint()
+                self._save_s = time.perf_counter() - t_save
                 bar.write(f"saved {path}")
             window_t += time.perf_counter() - paused  # throughput counts training time only
         bar.close()
