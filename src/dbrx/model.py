@@ -195,7 +195,7 @@ class DbrxForCausalLM(nn.Module):
 
         Shapes and state_dict are unchanged, but a batch-1 decode step then computes x @ W_DV instead of
         x @ W_VD.T, and the head is most of the bytes a step reads. Which is faster depends on the machine and
-        dtype (fp32 on a Xeon: column-major streams 25% more bytes/s; emulated bf16 on AVX2: row-major 9x),
+        dtype (fp32 on a Xeon: column-major streams about 15% more bytes/s; emulated bf16 on AVX2: row-major 9x),
         so loading measures it (dbrx.perf.column_major_head_is_faster). Training wants row-major: the fused
         AdamW kernel takes 5x longer on a non-contiguous parameter."""
         w = self.lm_head.weight

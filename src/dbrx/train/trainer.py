@@ -750,7 +750,8 @@ class Trainer:
                           f"min {row['expert_share_min']:.1%}")
                 window_t, window_tokens = time.perf_counter(), 0
             paused = time.perf_counter()
-            if self.eval_reader is not None and (self.step % self.eval_every == 0 or self.step == self.max_steps):
+            if self.eval_reader is not None and (self.eval_every and self.step % self.eval_every == 0
+                                                 or self.step == self.max_steps):
                 self._eval_and_record(bar.write)
                 self._eval_s = time.perf_counter() - paused  # what the budget plans with from now on
             if self.save_folder and self.save_every and (self.step % self.save_every == 0
