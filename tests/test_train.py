@@ -321,9 +321,13 @@ def test_lr_multipliers_give_named_parameters_their_own_lr():
 def test_an_amp_bf16_run_on_tiny_shapes(data, tmp_path):
     """amp_bf16 explicitly, at shapes small enough to be quick where bf16 matmul is emulated (AVX2): the weights
     and optimizer stay fp32, the loss is finite and falls, and the log names the precision."""
+    from contextlib import nullcontext
+
+    from dbrx.perf import BF16_WARN_SLOWDOWN, machine_profile
+
     logs = []
     cfg = run_config(data, tmp_path / "run", precision="amp_bf16", max_duration="6ba", save_folder=None)
-    with pytest.warns(UserWarning) if perf_bf16_slow() else _no_warning():
+    with pytest.warns(UserWarning) if machine_profile().bf16_speedup * BF16_WARN_SLOWDOWN < 1 else nullcontext():
         trainer = Trainer(load_config(None, base=cfg), log=logs.append)
     first = trainer.backward_batch(trainer.loader.next_batch())[0]
     trainer.model.zero_grad(set_to_none=True)
@@ -332,14 +336,3 @@ def test_an_amp_bf16_run_on_tiny_shapes(data, tmp_path):
     assert np.isfinite(summary["loss"]) and summary["loss"] < first
     assert any("precision amp_bf16" in line for line in logs)
 
-
-def perf_bf16_slow() -> bool:
-    from dbrx.perf import BF16_WARN_SLOWDOWN, machine_profile
-
-    return machine_profile().bf16_speedup * BF16_WARN_SLOWDOWN < 1
-
-
-def _no_warning():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -84,11 +84,15 @@ def matvec_rate(dtype: torch.dtype, device: str = "cpu", column_major: bool = Fa
     return rows * cols / t
 
 
+def best_matvec_rate(dtype: torch.dtype, device: str = "cpu") -> float:
+    """Weights/s of the faster matrix-vector layout in `dtype`."""
+    return max(matvec_rate(dtype, device, False), matvec_rate(dtype, device, True))
+
+
 def matvec_bandwidth(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """Bytes/s of the faster matrix-vector layout in `dtype` (fp32: the machine's effective memory
     bandwidth, against which decoding is measured)."""
-    rate = max(matvec_rate(dtype, device, False), matvec_rate(dtype, device, True))
-    return rate * dtype.itemsize
+    return best_matvec_rate(dtype, device) * dtype.itemsize
 
 
 def cpu_model() -> str:
@@ -112,7 +116,15 @@ class MachineProfile:
     threads: int
     fp32_flops: float
     bf16_flops: float
-    bandwidth: float  # bytes/s, fp32 matrix-vector
+    measured_bandwidth: float | None = None  # bytes/s, fp32 matrix-vector; measured when first read
+
+    @property
+    def bandwidth(self) -> float:
+        """Measured on first use, not at start-up: the trainer reads only the matmul figures, and the 512 MiB
+        of matrix-vector probes would add a second to every run."""
+        if self.measured_bandwidth is not None:
+            return self.measured_bandwidth
+        return matvec_bandwidth(torch.float32, self.device)
 
     @property
     def bf16_speedup(self) -> float:
@@ -132,7 +144,7 @@ def _profile(device: str) -> MachineProfile:
     else:
         name, capability, threads = cpu_model(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
     return MachineProfile(device, name, capability, threads, matmul_flops(torch.float32, device),
-                          matmul_flops(torch.bfloat16, device), matvec_bandwidth(torch.float32, device))
+                          matmul_flops(torch.bfloat16, device))
 
 
 def machine_profile(device: torch.device | str = "cpu") -> MachineProfile:
@@ -199,8 +211,7 @@ def choose_inference_dtype(requested: torch.dtype | str | None, device: torch.de
     if device.type == "cuda":
         log("dtype auto: bfloat16 (CUDA)")
         return torch.bfloat16
-    rates = {dt: max(matvec_rate(dt, str(device), False), matvec_rate(dt, str(device), True))
-             for dt in (torch.float32, torch.bfloat16)}
+    rates = {dt: best_matvec_rate(dt, str(device)) for dt in (torch.float32, torch.bfloat16)}
     fits = [dt for dt in rates if memory_bytes is None or n_params * dt.itemsize <= 0.9 * memory_bytes]
     # bf16 must stream clearly more weights per second: its decode has more per-call overhead than fp32's.
     fast_bf16 = rates[torch.bfloat16] >= BF16_MIN_SPEEDUP * rates[torch.float32]
