@@ -150,6 +150,34 @@ def test_chunked_loss_equals_cross_entropy_and_never_holds_full_logits(monkeypat
     torch.testing.assert_close(gw, w.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_under_no_grad_runs_only_the_forward_product(dtype):
+    """An evaluation (torch.no_grad, parameters that require grad) pays one head product per chunk, not three."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_, torch.ops.aten.addmm):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 12, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 12), generator=g)
+    with torch.no_grad(), CountProducts() as counted:
+        loss = chunked_cross_entropy_sum(h, w, labels, chunk_rows=8, compute_dtype=dtype)
+    assert counted.n == 3  # 24 positions in 3 chunks: the logits' product only
+    with CountProducts() as counted:
+        again = chunked_cross_entropy_sum(h, w, labels, chunk_rows=8, compute_dtype=dtype)
+    assert counted.n == 9 and again.requires_grad and not loss.requires_grad
+    torch.testing.assert_close(loss, again.detach())
+
+
 def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
     """Token losses are divided by the whole batch's token count, so micro-batching leaves the cross-entropy
     gradient unchanged. (The load-balancing loss is a product of per-batch means, computed per micro-batch as

@@ -28,8 +28,13 @@ def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, w_VD, labels_N, chunk_rows, compute_dtype):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h_ND, w_VD, labels_N, chunk_rows, compute_dtype, grad_enabled):
+        # needs_input_grad says what the inputs require, even when the caller runs under torch.no_grad() (and a
+        # forward always runs without grad mode): the caller's mode comes as `grad_enabled`, so that an evaluation
+        # does not pay for the two gradient products, two thirds of the head's FLOPs.
+        grad_h_wanted = ctx.needs_input_grad[0] and grad_enabled
+        grad_w_wanted = ctx.needs_input_grad[1] and grad_enabled
+        need_grad = grad_h_wanted or grad_w_wanted
         device = h_ND.device
         with torch.autocast(device.type, enabled=False):
             w = w_VD
@@ -40,13 +45,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 w = (buf.t() if column_major else buf).copy_(w_VD)
             acc = torch.promote_types(compute_dtype, torch.float32)  # fp32 softmax for bf16/fp16 matmuls
             total = torch.zeros((), dtype=acc, device=device)
-            grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if ctx.needs_input_grad[0] else None
+            grad_h = torch.empty_like(h_ND, dtype=compute_dtype) if grad_h_wanted else None
             # grad_w is accumulated transposed, [D, V]: h.T @ dlogits is the faster product on CPU, and its
             # transpose has lm_head's own column-major layout.
             # With one chunk it is the chunk's own product; with several, an fp32 sum of theirs.
             one_chunk = h_ND.shape[0] <= chunk_rows
             grad_w_DV = None
-            if ctx.needs_input_grad[1] and not one_chunk:
+            if grad_w_wanted and not one_chunk:
                 grad_w_DV = torch.zeros(w_VD.shape[::-1], dtype=acc, device=device)
             for start in range(0, h_ND.shape[0], chunk_rows):
                 h = h_ND[start:start + chunk_rows].to(compute_dtype)
@@ -74,7 +79,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         logits.index_fill_(0, invalid, 0.0)
                     if grad_h is not None:
                         torch.mm(logits, w, out=grad_h[start:start + chunk_rows])
-                    if ctx.needs_input_grad[1] and one_chunk:
+                    if grad_w_wanted and one_chunk:
                         grad_w_DV = torch.mm(h.T.contiguous(), logits)
                     elif grad_w_DV is not None:
                         if compute_dtype == acc:
@@ -98,7 +103,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gw = grad_w if grad_w.stride() == stride and grad_w.dtype == dtype else \
                 torch.empty_strided(shape, stride, dtype=dtype, device=grad_w.device).copy_(grad_w)
             gw.mul_(grad_total)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
@@ -120,4 +125,5 @@ def chunked_cross_entropy_sum(h_BTD: torch.Tensor, head_weight_VD: torch.Tensor,
     dtype = compute_dtype or head_weight_VD.dtype
     if chunk_rows is None:
         chunk_rows = max(64, CHUNK_BYTES // (dtype.itemsize * head_weight_VD.shape[0]))
-    return _ChunkedLinearCrossEntropy.apply(h_ND, head_weight_VD, targets_N, chunk_rows, dtype)
+    return _ChunkedLinearCrossEntropy.apply(h_ND, head_weight_VD, targets_N, chunk_rows, dtype,
+                                            torch.is_grad_enabled())
