@@ -135,8 +135,9 @@ def test_chunked_loss_equals_cross_entropy_and_never_holds_full_logits(monkeypat
     labels = torch.randint(0, 300, (3, 10), generator=g)
     labels[1, 4:] = -100
     rows = []
-    real = torch.log_softmax
-    monkeypatch.setattr(torch, "log_softmax", lambda x, *a, **k: (rows.append(x.shape[0]), real(x, *a, **k))[1])
+    for fn in ("log_softmax", "softmax"):
+        real = getattr(torch, fn)
+        monkeypatch.setattr(torch, fn, lambda x, *a, real=real, **k: (rows.append(x.shape[0]), real(x, *a, **k))[1])
     got = chunked_cross_entropy_sum(h, w, labels, chunk_rows=7)
     got.backward()
     assert max(rows) == 7  # 30 positions, never more than one chunk of logits at a time
@@ -148,6 +149,26 @@ def test_chunked_loss_equals_cross_entropy_and_never_holds_full_logits(monkeypat
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(gh, h.grad)
     torch.testing.assert_close(gw, w.grad)
+
+
+def test_the_fp32_chunked_loss_is_exact_for_targets_the_model_rules_out():
+    """The fp32 training loss is -log softmax[target]; a target with probability under 1e-30 is recomputed by
+    log-softmax, so a confident wrong prediction gives its true loss (here about 200 nats), not log(0)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 6, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g)
+    w[7] = h.detach()[0, 2] * 40.0  # position 2 of row 0 puts nearly all its mass on token 7
+    w.requires_grad_(True)
+    labels = torch.randint(8, 50, (2, 6), generator=g)
+    got = chunked_cross_entropy_sum(h, w, labels, chunk_rows=5)
+    ref = torch.nn.functional.cross_entropy((h @ w.T).reshape(-1, 50), shift_labels(labels).reshape(-1),
+                                            ignore_index=-100, reduction="none")
+    assert ref.max() > 100
+    torch.testing.assert_close(got, ref.sum())
+    gh, gw = torch.autograd.grad(got, (h, w))
+    rh, rw = torch.autograd.grad(ref.sum(), (h, w))
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

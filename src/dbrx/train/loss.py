@@ -60,11 +60,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 y_safe = torch.where(valid, y, 0)
                 logits = _scratch("logits", h.shape[0], w.shape[0], compute_dtype, device)
                 torch.mm(h, w.T, out=logits)
-                if compute_dtype == acc:  # fp32 (or fp64): exact log-softmax, in place
+                if compute_dtype == acc and not need_grad:  # fp32 (or fp64) loss alone: log-softmax in place
                     torch.log_softmax(logits, dim=-1, out=logits)
                     total -= (logits.gather(1, y_safe[:, None])[:, 0] * valid).sum()
-                    if need_grad:
-                        logits.exp_()
+                elif compute_dtype == acc:
+                    # The gradient needs the softmax itself: one kernel, and the loss is -log p(target). That
+                    # saves the exp pass over [rows, 100k] that log-softmax then exp would take (8% of an fp32
+                    # head step on an AVX2 CPU). A target whose probability is below 1e-30 would lose digits
+                    # in the log: those rows (in practice none) are recomputed by log-softmax.
+                    torch.softmax(logits, dim=-1, out=logits)
+                    p_target = logits.gather(1, y_safe[:, None])[:, 0]
+                    nll = -torch.log(p_target)
+                    far = ((p_target < 1e-30) & valid).nonzero()[:, 0]
+                    if far.numel():
+                        exact = torch.log_softmax(h[far] @ w.T, dim=-1)
+                        nll[far] = -exact.gather(1, y_safe[far][:, None])[:, 0]
+                    total += (nll * valid).sum()
                 else:
                     # bf16 logits: one softmax kernel (fp32 accumulation, bf16 output) serves both the loss and
                     # the gradient. On CPU the passes over [rows, 100k] cost as much as the matmuls, and the loss
