@@ -224,6 +224,7 @@ class Trainer:
                               f"wall-clock max_duration ({cfg['max_duration']}) only fixes after the first steps; "
                               "give the warm-up in batches (e.g. 30ba) or tokens")
         self.budget_s = self.duration.value if self.duration.wall_clock else None
+        self._sized_here = False  # set when this run fixes its own count from a timing (size_to_budget)
         self._eval_s = self._save_s = self._export_s = 0.0  # measured costs a budget plans with
         self.max_steps: int | None = None  # with a wall-clock budget, fixed after the first steps (fix_step_count)
         self.eval_every = self.save_every = self.log_every = None
@@ -280,6 +281,10 @@ class Trainer:
         self.max_steps = total
         self.eval_every, self.save_every, self.log_every = self.intervals_for(total)
         self.warmup = self._to_batches(self.warmup_time, "scheduler.t_warmup", total)
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:  # the next step's lr, which the scheduler set from the count before this one
+            for group, base, lam in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * lam(scheduler.last_epoch)
 
     def _build_loader(self) -> MixtureLoader:
         tl = self.cfg["train_loader"]
@@ -611,16 +616,23 @@ class Trainer:
         self._save_s, self._export_s = self._time_saving()
         plan = self._plan(step_s)
         self.fix_step_count(plan.steps)
+        self._sized_here = True  # this run chose its count, and may re-plan it upwards (a resumed run keeps its own)
         (write or self.log)(plan.describe(self.budget_s, self.step))
 
     def keep_to_budget(self, step_s: float, write=None) -> None:
-        """A budget is a limit: where the machine has slowed down since the count was fixed (shared machines
-        move by 10-40%), so that the fixed count would overrun max_duration, the count shrinks to what still fits
-        at the recent speed, and the schedule ends there. Never grows."""
+        """A budget is a limit, and the count is re-planned from the recent speed at every log row: where the
+        machine has slowed down since the count was fixed (shared machines move by 10-40%), so that the count
+        would overrun max_duration, it shrinks to what still fits; where it has sped up by enough that 2% more
+        steps fit, it grows (not in a resumed run, which keeps the count it stored). The schedule follows. Two
+        native runs whose count was fixed or shrunk in a slow spell otherwise ended 60-80 s early."""
         plan = self._plan(step_s)
         if plan.steps < self.max_steps:
             (write or self.log)(f"running slower than timed ({step_s:.3f} s a step): {self.max_steps:,} -> "
                                 f"{plan.steps:,} steps, to end within max_duration {self.cfg['max_duration']}")
+            self.fix_step_count(plan.steps)
+        elif plan.steps >= 1.02 * self.max_steps and self._sized_here:
+            (write or self.log)(f"running faster than timed ({step_s:.3f} s a step): {self.max_steps:,} -> "
+                                f"{plan.steps:,} steps, to use max_duration {self.cfg['max_duration']}")
             self.fix_step_count(plan.steps)
 
     def _plan(self, step_s: float):
