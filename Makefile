@@ -25,7 +25,7 @@ STDLIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["std
 
 demo: $(STAMP)
 	$(BIN)/dbrx convert text "$(STDLIB)" --glob '*.py' --exclude site-packages --out runs/data/stdlib \
-		--concat-tokens 256 --val-fraction 0.01 --overwrite
+		--concat-tokens 64 --val-fraction 0.01 --overwrite
 	$(BIN)/dbrx train configs/demo.yaml
 	@echo "--- held-out loss and plot: runs/demo/metrics.jsonl, runs/demo/loss.png; greedy completions: ---"
 	$(BIN)/dbrx generate --model runs/demo/hf --max-new-tokens 40 --echo \
