@@ -70,7 +70,7 @@ def test_a_budgeted_run_fixes_its_count_and_a_resumed_run_keeps_it(data, monkeyp
     out = capsys.readouterr().out
     planned = int(out.split("max_duration 10s: ")[1].split(" steps fit")[0].replace(",", ""))  # logged
     assert summary["step"] == n  # the count may have followed the machine's speed ("running slower/faster")
-    assert n == planned or f"{planned:,} -> " in out
+    assert abs(n - planned) <= 0.01 * planned or f"{planned:,} -> " in out  # changes under 1% are not logged
     rows = [json.loads(line) for line in (data / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["step"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] == n and Trainer.WARMUP_STEPS + Trainer.PROBE_STEPS < evals[0] < n

@@ -225,6 +225,7 @@ class Trainer:
                               "give the warm-up in batches (e.g. 30ba) or tokens")
         self.budget_s = self.duration.value if self.duration.wall_clock else None
         self._sized_here = False  # set when this run fixes its own count from a timing (size_to_budget)
+        self._logged_count = 0  # the count last logged (re-plans that change it by under 1% are not logged)
         self._eval_s = self._save_s = self._export_s = 0.0  # measured costs a budget plans with
         self.max_steps: int | None = None  # with a wall-clock budget, fixed after the first steps (fix_step_count)
         self.eval_every = self.save_every = self.log_every = None
@@ -617,6 +618,7 @@ class Trainer:
         plan = self._plan(step_s)
         self.fix_step_count(plan.steps)
         self._sized_here = True  # this run chose its count, and may re-plan it upwards (a resumed run keeps its own)
+        self._logged_count = plan.steps
         (write or self.log)(plan.describe(self.budget_s, self.step))
 
     def keep_to_budget(self, step_s: float, write=None) -> None:
@@ -626,13 +628,17 @@ class Trainer:
         steps fit, it grows (not in a resumed run, which keeps the count it stored). The schedule follows. Two
         native runs whose count was fixed or shrunk in a slow spell otherwise ended 60-80 s early."""
         plan = self._plan(step_s)
+        self._logged_count = self._logged_count or self.max_steps  # a resumed run: the count it stored
         if plan.steps < self.max_steps:
-            (write or self.log)(f"running slower than timed ({step_s:.3f} s a step): {self.max_steps:,} -> "
-                                f"{plan.steps:,} steps, to end within max_duration {self.cfg['max_duration']}")
+            if plan.steps < 0.99 * self._logged_count:  # said once per 1% of change, not at every log row
+                (write or self.log)(f"running slower than timed ({step_s:.3f} s a step): {self._logged_count:,} -> "
+                                    f"{plan.steps:,} steps, to end within max_duration {self.cfg['max_duration']}")
+                self._logged_count = plan.steps
             self.fix_step_count(plan.steps)
         elif plan.steps >= 1.02 * self.max_steps and self._sized_here:
-            (write or self.log)(f"running faster than timed ({step_s:.3f} s a step): {self.max_steps:,} -> "
+            (write or self.log)(f"running faster than timed ({step_s:.3f} s a step): {self._logged_count:,} -> "
                                 f"{plan.steps:,} steps, to use max_duration {self.cfg['max_duration']}")
+            self._logged_count = plan.steps
             self.fix_step_count(plan.steps)
 
     def _plan(self, step_s: float):
