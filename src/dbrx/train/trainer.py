@@ -276,11 +276,12 @@ class Trainer:
         every = {key: None if t is None else self._to_batches(t, key, total) for key, t in self.intervals.items()}
         return every["eval_interval"], every["save_interval"], every["console_log_interval"] or 10
 
-    def fix_step_count(self, total: int) -> None:
-        """The run's length in steps, and what follows from it: the intervals given as fractions of the run and
-        the schedule (which reads self.max_steps)."""
+    def fix_step_count(self, total: int, keep_intervals: bool = False) -> None:
+        """The run's length in steps, and what follows from it: the intervals given as fractions of the run (unless
+        `keep_intervals`) and the schedule (which reads self.max_steps)."""
         self.max_steps = total
-        self.eval_every, self.save_every, self.log_every = self.intervals_for(total)
+        if not keep_intervals:
+            self.eval_every, self.save_every, self.log_every = self.intervals_for(total)
         self.warmup = self._to_batches(self.warmup_time, "scheduler.t_warmup", total)
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:  # the next step's lr, which the scheduler set from the count before this one
@@ -625,7 +626,8 @@ class Trainer:
         """A budget is a limit, and the count is re-planned from the recent speed at every log row: where the
         machine has slowed down since the count was fixed (shared machines move by 10-40%), so that the count
         would overrun max_duration, it shrinks to what still fits; where it has sped up by enough that 2% more
-        steps fit, it grows (not in a resumed run, which keeps the count it stored). The schedule follows. Two
+        steps fit, it grows (not in a resumed run, which keeps the count it stored). The schedule follows; the
+        evaluation and checkpoint intervals stay those of the count first fixed (and the last step has both). Two
         native runs whose count was fixed or shrunk in a slow spell otherwise ended 60-80 s early."""
         plan = self._plan(step_s)
         self._logged_count = self._logged_count or self.max_steps  # a resumed run: the count it stored
@@ -634,22 +636,30 @@ class Trainer:
                 (write or self.log)(f"running slower than timed ({step_s:.3f} s a step): {self._logged_count:,} -> "
                                     f"{plan.steps:,} steps, to end within max_duration {self.cfg['max_duration']}")
                 self._logged_count = plan.steps
-            self.fix_step_count(plan.steps)
+            self.fix_step_count(plan.steps, keep_intervals=True)
         elif plan.steps >= 1.02 * self.max_steps and self._sized_here:
             (write or self.log)(f"running faster than timed ({step_s:.3f} s a step): {self._logged_count:,} -> "
                                 f"{plan.steps:,} steps, to use max_duration {self.cfg['max_duration']}")
             self._logged_count = plan.steps
-            self.fix_step_count(plan.steps)
+            self.fix_step_count(plan.steps, keep_intervals=True)
 
     def _plan(self, step_s: float):
         reserve = 0.02 * self.budget_s + 1.0 + (self._export_s if self.save_folder and not self.save_every else 0.0)
         remaining = self.budget_s - (time.perf_counter() - self._t0) - reserve
 
+        # Once the count is fixed, re-plans keep the intervals it gave: an interval that moved with every re-plan
+        # would evaluate again a few steps after it had (step % interval hits twice).
+        sized = self.max_steps is not None
+
         def eval_every(total: int) -> int | None:
-            return self.intervals_for(total)[0] if self.eval_reader is not None else None
+            if self.eval_reader is None:
+                return None
+            return self.eval_every if sized else self.intervals_for(total)[0]
 
         def save_every(total: int) -> int | None:
-            return self.intervals_for(total)[1] if self.save_folder else None
+            if not self.save_folder:
+                return None
+            return self.save_every if sized else self.intervals_for(total)[1]
 
         return plan_steps(self.step, remaining, step_s, self._eval_s, self._save_s, eval_every, save_every)
 
