@@ -32,10 +32,11 @@ def dbrx_config(name: str) -> DbrxConfig:
     )
 
 
-def hf_config(name: str):
+def hf_config(name: str, specs: dict | None = None):
+    """The transformers config of `specs[name]` (TINY_SPECS by default)."""
     import transformers
 
-    s = TINY_SPECS[name]
+    s = (TINY_SPECS if specs is None else specs)[name]
     theta = s["attn"]["rope_theta"]
     return transformers.DbrxConfig(
         d_model=s["d_model"], n_heads=s["n_heads"], n_layers=s["n_layers"], vocab_size=s["vocab_size"],

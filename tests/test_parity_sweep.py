@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from conftest import randomize_
+from conftest import hf_config, randomize_
 from dbrx import DbrxConfig, DbrxForCausalLM, KVCache, perf
 from dbrx.generate import generate
 from dbrx.moe import DbrxExpertGLU, DbrxExperts
@@ -61,15 +61,6 @@ FP32_GRAD_TOL = 2e-5  # of the largest entry
 BF16_TOL = 5e-2  # logits of the logit scale; gradients in norm
 
 
-def _hf_config(name):
-    s = SWEEP[name]
-    return transformers.DbrxConfig(
-        d_model=s["d_model"], n_heads=s["n_heads"], n_layers=s["n_layers"], vocab_size=s["vocab_size"],
-        max_seq_len=s["max_seq_len"], attn_config=dict(s["attn"]), ffn_config=dict(s["ffn"], moe_loss_weight=0.05),
-        rope_parameters={"rope_type": "default", "rope_theta": s["attn"]["rope_theta"]},  # transformers 5 reads it here
-    )
-
-
 def _ids(name, batch=2, seed=1):
     s = SWEEP[name]
     return torch.randint(0, s["vocab_size"], (batch, s["seq"]), generator=torch.Generator().manual_seed(seed))
@@ -94,7 +85,7 @@ def reference(tmp_path_factory):
     def get(name):
         if name not in built:
             torch.manual_seed(0)
-            hf = transformers.DbrxForCausalLM(_hf_config(name)).eval()
+            hf = transformers.DbrxForCausalLM(hf_config(name, SWEEP)).eval()
             randomize_(hf, seed=list(SWEEP).index(name))
             with torch.no_grad():
                 for p in hf.parameters():
