@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -253,11 +254,29 @@ def cmd_convert_finetuning(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import subprocess
+
+    from dbrx.parallel import init_distributed
     from dbrx.train.config import load_config
     from dbrx.train.trainer import Trainer
 
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # A convenience for torchrun on this host: the same verb, N processes (gloo on CPU, nccl on CUDA).
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(args.nproc), "-m", "dbrx", "train", str(args.config), *args.overrides]
+        code = subprocess.call(command)
+        if code:
+            raise SystemExit(code)
+        return
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg).fit()
+    dist = init_distributed(cfg["device"], cfg.get("dist_timeout"))
+    try:
+        summary = Trainer(cfg, dist=dist).fit()
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return
     final = f"; held-out loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
     print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, last train loss "
           f"{summary.get('loss', float('nan')):.4f}{final}")
@@ -411,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train from CONFIG.yaml; any key can be overridden as dotted.key=value.")
     p.add_argument("config", type=Path, help="the run's YAML file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value pairs, e.g. max_duration=20ba")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="start N processes on this host through torchrun (the same as `torchrun --standalone "
+                        "--nproc_per_node N -m dbrx train ...`)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model, as a plain checkpoint",
@@ -446,9 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except RuntimeError as e:
+        from dbrx.parallel.runtime import DistError
         from dbrx.train.trainer import TrainingError
 
-        if not isinstance(e, TrainingError):
+        if not isinstance(e, (TrainingError, DistError)):
             raise
         print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
         return 1

@@ -252,11 +252,10 @@ class DbrxFFN(nn.Module):
         return y_ND.view_as(x_BTD), logits_NE
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], num_experts: int, top_k: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-style auxiliary loss over all layers: E * sum_e f_e * p_e, where f_e is the fraction of routed
-    token copies sent to expert e (summed over the K choices) and p_e its mean router probability.
-    Padding positions (attention_mask == 0) are left out. A perfectly balanced router gives top_k."""
+def router_statistics(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(routed token copies per expert [E], router probability summed per expert [E], rows), over all layers,
+    leaving out padding positions (attention_mask == 0). Sums, so that ranks can add theirs up."""
     logits_LNE = torch.stack([lg.float() for lg in router_logits])
     probs_LNE = logits_LNE.softmax(dim=-1)
     chosen_LNK = probs_LNE.topk(top_k, dim=-1).indices
@@ -266,6 +265,13 @@ def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, 
     else:
         mask_N = attention_mask.reshape(-1).to(device=probs_LNE.device, dtype=torch.float32)
     rows = mask_N.sum() * probs_LNE.shape[0]
-    tokens_per_expert_E = torch.einsum("lne,n->e", one_hot_LNE, mask_N) / rows
-    prob_per_expert_E = torch.einsum("lne,n->e", probs_LNE, mask_N) / rows
-    return num_experts * (tokens_per_expert_E * prob_per_expert_E).sum()
+    return torch.einsum("lne,n->e", one_hot_LNE, mask_N), torch.einsum("lne,n->e", probs_LNE, mask_N), rows
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-style auxiliary loss over all layers: E * sum_e f_e * p_e, where f_e is the fraction of routed
+    token copies sent to expert e (summed over the K choices) and p_e its mean router probability.
+    Padding positions (attention_mask == 0) are left out. A perfectly balanced router gives top_k."""
+    counts_E, prob_sums_E, rows = router_statistics(router_logits, num_experts, top_k, attention_mask)
+    return num_experts * ((counts_E / rows) * (prob_sums_E / rows)).sum()

@@ -61,6 +61,17 @@ SCHEMA: dict[str, Any] = {
     "log_to_console": "bool",
     "python_log_level": "str",
     "dist_timeout": "number",
+    # scale-out (dbrx.parallel): torchtitan's names, and LLM Foundry's fsdp_config
+    "parallelism": {"data_parallel_shard_degree": "int", "data_parallel_replicate_degree": "int",
+                    "expert_parallel_degree": "int", "tensor_parallel_degree": "int",
+                    "context_parallel_degree": "int", "pipeline_parallel_degree": "int"},
+    "fsdp_config": {"sharding_strategy": "str", "mixed_precision": "str", "activation_checkpointing": "bool",
+                    "activation_checkpointing_reentrant": "bool", "activation_cpu_offload": "bool",
+                    "state_dict_type": "str", "cpu_offload": "bool", "limit_all_gathers": "bool",
+                    "use_orig_params": "bool", "sync_module_states": "bool", "forward_prefetch": "bool",
+                    "backward_prefetch": "str", "verbose": "bool", "load_monolith_rank0_only": "bool",
+                    "data_parallel_shard_degree": "int", "hybrid_sharding_degree": "int",
+                    "replicate_degree": "int"},
 }
 # The tokenizer is DBRX's cl100k; these are the names Foundry configs give it.
 TOKENIZER_NAMES = ("cl100k_base", "dbrx", "databricks/dbrx-instruct", "databricks/dbrx-base",

@@ -34,7 +34,9 @@ from dbrx.data.mixture import (
 )
 from dbrx.fileio import atomic_path, atomic_write_text
 from dbrx.model import DbrxForCausalLM
-from dbrx.moe import load_balancing_loss
+from dbrx.moe import router_statistics
+from dbrx.parallel import Dist, parallel_config, parallelize
+from dbrx.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
 from dbrx.perf import choose_training_precision, keep_freed_memory, machine_profile
 from dbrx.train.budget import plan_steps
 from dbrx.train.config import ConfigError, Time
@@ -67,6 +69,9 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
     """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`, either with an optional
     `peft_config` (LoRA: only the adapters train)."""
     model_cfg = dict(model_cfg)
+    if isinstance(model_cfg.get("ffn_config"), dict) and "moe_world_size" in model_cfg["ffn_config"]:
+        # LLM Foundry's expert-parallel degree: a parallelism setting (dbrx.parallel), not part of the model
+        model_cfg["ffn_config"] = {k: v for k, v in model_cfg["ffn_config"].items() if k != "moe_world_size"}
     pretrained, preset = model_cfg.pop("pretrained", None), model_cfg.pop("preset", None)
     peft = model_cfg.pop("peft_config", None)
     model_cfg.pop("name", None)  # LLM Foundry names the model class here; there is only one
@@ -186,12 +191,17 @@ class Trainer:
     PROBE_STEPS = 10
     WARMUP_STEPS = 5
 
-    def __init__(self, cfg: dict, log=print):
+    def __init__(self, cfg: dict, log=print, dist: Dist | None = None):
+        """`dist`: this process's place in a torchrun job (dbrx.parallel.init_distributed); None or world size 1
+        is the single-process path. Every rank builds the same model from the same seed, then shards it."""
         self._t0 = time.perf_counter()  # a wall-clock max_duration counts from here
-        self.cfg, self.log = cfg, log
+        self.dist = dist or Dist()
+        self.cfg, self.log = cfg, (log if self.dist.is_main else (lambda *a, **k: None))
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
         self.device = resolve_device(cfg["device"])
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.memory_kept = self.device.type == "cpu" and keep_freed_memory()
         self.seq_len = cfg["max_seq_len"]
         self.batch_size = cfg["global_train_batch_size"]
@@ -201,6 +211,16 @@ class Trainer:
         self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
 
         self.model = build_model(cfg["model"], self.seq_len, self.device)
+        self.parallel = parallel_config(cfg, self.dist.world_size, self.model.config.num_experts, self.log)
+        if self.batch_size % self.dist.world_size:
+            raise ConfigError(f"global_train_batch_size ({self.batch_size}) must be a multiple of the world size "
+                              f"({self.dist.world_size}): each rank takes an equal share of every batch")
+        if self.dist.enabled:
+            if (cfg["model"] or {}).get("peft_config") is not None:
+                raise ConfigError(f"model.peft_config: LoRA in a {self.dist.world_size}-process run is not available "
+                                  "yet; run LoRA fine-tuning in one process")
+            parallelize(self.model, self.dist, self.parallel, self.device)
+            self.log(f"{self.dist.world_size} processes ({self.dist.backend}): {self.parallel.describe()}")
         self.finetuning = (cfg["train_loader"].get("name") or "text") == "finetuning"
         self.loader = self._build_finetuning_loader() if self.finetuning else self._build_loader()
         self.eval_reader = self._build_eval_reader()
@@ -359,7 +379,7 @@ class Trainer:
 
     def _tensorboard(self):
         tb = (self.cfg.get("loggers") or {}).get("tensorboard")
-        if tb is None:
+        if tb is None or not self.dist.is_main:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -382,16 +402,35 @@ class Trainer:
             loss_sum = chunked_cross_entropy_sum(
                 h, self.model.lm_head.weight, labels,
                 compute_dtype=torch.bfloat16 if self.amp else self.model.lm_head.weight.dtype)
+        return loss_sum, self.load_balancing(router_logits), router_logits
+
+    def load_balancing(self, router_logits: list[torch.Tensor]) -> torch.Tensor:
+        """The load-balancing loss of the tokens all ranks route in this micro-step, from all-reduced expert counts
+        (a per-rank loss would balance each rank's tokens instead, and drift from the one-process run). Each rank
+        returns its share: the shares sum to the global loss, and so do their gradients once FSDP sums them."""
         f = self.model.config.ffn_config
-        aux = load_balancing_loss(router_logits, f.moe_num_experts, f.moe_top_k)
-        return loss_sum, aux, router_logits
+        counts_E, prob_sums_E, rows = router_statistics(router_logits, f.moe_num_experts, f.moe_top_k)
+        if self.dist.enabled:
+            stats = self.dist.all_reduce(torch.cat([counts_E, rows.reshape(1)]).detach())
+            counts_E, rows = stats[:-1], stats[-1]
+        return f.moe_num_experts * ((counts_E / rows) * (prob_sums_E / rows)).sum()
+
+    def _local_rows(self, batch: dict, rows: int) -> dict:
+        """This rank's equal share of a batch of `rows` rows (the whole batch in a single process)."""
+        if not self.dist.enabled:
+            return batch
+        share = rows // self.dist.world_size
+        lo = self.dist.rank * share
+        return {k: v[lo:lo + share] if torch.is_tensor(v) and v.ndim and v.shape[0] == rows else v
+                for k, v in batch.items()}
 
     def backward_batch(self, batch: dict) -> tuple[float, float, list[torch.Tensor]]:
         """Accumulate the global batch's gradient over micro-batches; returns (mean token loss, load-balancing
         loss, the last micro-batch's router logits)."""
-        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        seq = batch["sequence_id"].to(self.device) if "sequence_id" in batch else None
-        n_tokens = int((labels[:, 1:] != -100).sum())
+        n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # in the global batch: every rank divides by it
+        local = self._local_rows(batch, batch["input_ids"].shape[0])
+        ids, labels = local["input_ids"].to(self.device), local["labels"].to(self.device)
+        seq = local["sequence_id"].to(self.device) if "sequence_id" in local else None
         weight = self.model.config.ffn_config.moe_loss_weight
         loss_total, aux_total = 0.0, 0.0
         for start in range(0, ids.shape[0], self.micro):
@@ -399,18 +438,23 @@ class Trainer:
             mb_seq = None if seq is None else seq[start:start + self.micro]
             share = mb_ids.shape[0] / ids.shape[0]
             loss_sum, aux, router_logits = self.micro_batch_loss(mb_ids, mb_labels, mb_seq)
-            if not (torch.isfinite(loss_sum) and torch.isfinite(aux)):
-                raise TrainingError(self._nonfinite_message(loss_sum, aux))
+            loss_value, aux_value = self.dist.sum_floats(loss_sum.item(), aux.item())
+            if not (math.isfinite(loss_value) and math.isfinite(aux_value)):  # the same verdict on every rank
+                raise TrainingError(self._nonfinite_message(loss_value, aux_value))
             (loss_sum / max(1, n_tokens) + weight * aux * share).backward()
-            loss_total += loss_sum.item()
-            aux_total += aux.item() * share
+            loss_total += loss_value
+            aux_total += aux_value * share
         return loss_total / max(1, n_tokens), aux_total, router_logits
 
     def train_step(self, batch: dict) -> dict:
-        loss, aux, router_logits = self.backward_batch(batch)
+        return self.apply_gradients(*self.backward_batch(batch))
+
+    def apply_gradients(self, loss: float, aux: float, router_logits: list[torch.Tensor]) -> dict:
+        """The rest of a step after backward_batch: the global gradient norm, clipping, AdamW, the schedule."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        grad_norm = total_norm.item()
+        # Sharded gradients (FSDP2's DTensors) give a partial norm: full_tensor() reduces it to the global one.
+        grad_norm = (total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm).item()
         if not math.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient norm at step {self.step + 1}. " + self._resume_hint())
         # clip_grad_norm_ would also multiply every gradient by 1.0 when the norm is under the threshold: a pass
@@ -436,8 +480,8 @@ class Trainer:
                 f"with autoresume: true." if newest else "No checkpoint was written before this step.")
 
     def _nonfinite_message(self, loss_sum, aux) -> str:
-        return (f"non-finite loss at step {self.step + 1} (cross-entropy sum {loss_sum.item()}, load-balancing "
-                f"{aux.item()}); stopped before updating the weights. " + self._resume_hint())
+        return (f"non-finite loss at step {self.step + 1} (cross-entropy sum {loss_sum}, load-balancing "
+                f"{aux}); stopped before updating the weights. " + self._resume_hint())
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -460,11 +504,17 @@ class Trainer:
         return eval_batches(self.eval_reader, size, self.seq_len, limit)
 
     def _eval_batch_loss(self, batch: dict) -> tuple[float, int]:
-        """(sum of token losses, tokens scored) of one eval batch."""
-        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        seq = batch["sequence_id"].to(self.device) if "sequence_id" in batch else None
+        """(sum of token losses, tokens scored) of one eval batch; each rank scores its share of the rows."""
+        rows = batch["input_ids"].shape[0]
+        lo, hi = self.dist.rank * rows // self.dist.world_size, (self.dist.rank + 1) * rows // self.dist.world_size
+        empty = hi == lo  # fewer rows than ranks: this rank still runs a forward (FSDP's gathers), and counts 0
+        part = {k: v[lo:hi] if not empty else v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+        ids, labels = part["input_ids"].to(self.device), part["labels"].to(self.device)
+        seq = part["sequence_id"].to(self.device) if "sequence_id" in part else None
         loss_sum, _, _ = self.micro_batch_loss(ids, labels, seq)
-        return loss_sum.item(), int((labels[:, 1:] != -100).sum())
+        local = (0.0, 0) if empty else (loss_sum.item(), int((labels[:, 1:] != -100).sum()))
+        total, count = self.dist.sum_floats(*local)
+        return total, int(count)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
@@ -479,18 +529,30 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         final = self.checkpoint_dir() / f"ba{self.step:08d}"
         tmp = self.checkpoint_dir() / f".ba{self.step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
-                  tmp / "model.safetensors")
-        opt = self.optimizer.state_dict()
-        tensors = {f"{i}.{name}": t.detach().contiguous().cpu()
-                   for i, st in opt["state"].items() for name, t in st.items() if torch.is_tensor(t)}
-        save_file(tensors, tmp / "optimizer.safetensors")
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        if self.dist.enabled:  # each rank writes its shards (Distributed Checkpoint), nobody gathers the model
+            save_sharded(self.model, self.optimizer, tmp)
+            groups = None  # inside the shards
+        else:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
+                      tmp / "model.safetensors")
+            opt = self.optimizer.state_dict()
+            tensors = {f"{i}.{name}": t.detach().contiguous().cpu()
+                       for i, st in opt["state"].items() for name, t in st.items() if torch.is_tensor(t)}
+            save_file(tensors, tmp / "optimizer.safetensors")
+            groups = opt["param_groups"]
+        self.dist.barrier()  # every shard is written before the checkpoint is made visible
+        if not self.dist.is_main:
+            self.dist.barrier()
+            self.export_hf()
+            return final
         state = {
             "step": self.step,
             "scheduler_last_epoch": self.scheduler.last_epoch,
-            "optimizer_param_groups": opt["param_groups"],
+            "optimizer_param_groups": groups,
             "data": self.loader.state_dict(),
             "rng": _rng_state(),
             "run": {"max_steps": self.max_steps, "seq_len": self.seq_len, "batch_size": self.batch_size},
@@ -503,6 +565,7 @@ class Trainer:
             done = sorted(p for p in self.checkpoint_dir().glob("ba*") if p.is_dir())
             for old in done[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         self.export_hf()
         return final
 
@@ -511,14 +574,19 @@ class Trainer:
         if state["run"]["seq_len"] != self.seq_len or state["run"]["batch_size"] != self.batch_size:
             raise ConfigError(f"{path}: written with max_seq_len {state['run']['seq_len']} and batch size "
                               f"{state['run']['batch_size']}; this run has {self.seq_len} and {self.batch_size}")
-        weights = load_file(path / "model.safetensors", device=str(self.device))
-        self.model.load_state_dict(weights)
-        flat = load_file(path / "optimizer.safetensors", device=str(self.device))
-        opt_state: dict = {}
-        for key, t in flat.items():
-            idx, name = key.split(".", 1)
-            opt_state.setdefault(int(idx), {})[name] = t
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
+        if is_sharded(path):  # a sharded run's checkpoint, at any world size (DCP reshards)
+            load_sharded(self.model, self.optimizer, path)
+        elif self.dist.enabled:  # a single-process checkpoint into a sharded run: each rank keeps its shard
+            load_single_process(self.model, self.optimizer, path, state["optimizer_param_groups"])
+        else:
+            weights = load_file(path / "model.safetensors", device=str(self.device))
+            self.model.load_state_dict(weights)
+            flat = load_file(path / "optimizer.safetensors", device=str(self.device))
+            opt_state: dict = {}
+            for key, t in flat.items():
+                idx, name = key.split(".", 1)
+                opt_state.setdefault(int(idx), {})[name] = t
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
         # The fused AdamW kernel walks a parameter and its moments as flat memory: give every moment its
         # parameter's layout again (lm_head is column-major; checkpoints store tensors row-major).
         for group in self.optimizer.param_groups:
@@ -544,6 +612,19 @@ class Trainer:
         from dbrx.lora import has_lora, merge_lora, save_adapter
 
         final, tmp = self.save_folder / "hf", self.save_folder / ".hf.tmp"
+        if self.dist.enabled:  # written from the shards, each rank its share of the tensors
+            from dbrx.parallel.export import export_from_shards
+
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.dist.barrier()
+            export_from_shards(self.model, self.dist, tmp)
+            if self.dist.is_main:
+                Tokenizer().save_pretrained(tmp)
+                self._swap_in(tmp, final)
+            self.dist.barrier()
+            return
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.model
         if has_lora(model):  # the adapters alone (peft's layout) beside a merged plain checkpoint
@@ -554,6 +635,9 @@ class Trainer:
             model = merge_lora(copy.deepcopy(model))
         model.save_pretrained(tmp)
         Tokenizer().save_pretrained(tmp)
+        self._swap_in(tmp, final)
+
+    def _swap_in(self, tmp: Path, final: Path) -> None:
         old = self.save_folder / ".hf.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -568,7 +652,7 @@ class Trainer:
     def _record(self, row: dict) -> None:
         self.metrics_rows.append(row)
         path = self._metrics_path()
-        if path:
+        if path and self.dist.is_main:
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if self.tb:
@@ -583,10 +667,11 @@ class Trainer:
             return
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.metrics_rows = [r for r in rows if r["step"] <= self.step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.metrics_rows))
+        if self.dist.is_main:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.metrics_rows))
 
     def plot(self) -> None:
-        if not self.save_folder:
+        if not self.save_folder or not self.dist.is_main:
             return
         import matplotlib
 
@@ -645,7 +730,10 @@ class Trainer:
 
     def _plan(self, step_s: float):
         reserve = 0.02 * self.budget_s + 1.0 + (self._export_s if self.save_folder and not self.save_every else 0.0)
-        remaining = self.budget_s - (time.perf_counter() - self._t0) - reserve
+        # Ranks time their own steps: all plan from the slowest figures, so that they fix the same count.
+        remaining = self.budget_s - self.dist.max_float(time.perf_counter() - self._t0) - self.dist.max_float(reserve)
+        step_s = self.dist.max_float(step_s)
+        self._eval_s, self._save_s = self.dist.max_float(self._eval_s), self.dist.max_float(self._save_s)
 
         # Once the count is fixed, re-plans keep the intervals it gave: an interval that moved with every re-plan
         # would evaluate again a few steps after it had (step % interval hits twice).
@@ -685,15 +773,18 @@ class Trainer:
 
         Tokenizer()._tokenizer_json()  # built once per process (2 s), before the timing: later exports reuse it
         self.save_folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        probe = self.save_folder / ".write_probe.safetensors"
+        # A sharded run's ranks each write their own shard: time that (to_local), each rank its own probe file.
+        weights = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().contiguous().cpu()
+                   for k, v in self.model.state_dict().items()}
+        probe = self.save_folder / f".write_probe.{self.dist.rank}.safetensors"
         t0 = time.perf_counter()
         save_file(weights, probe)
         write_s = time.perf_counter() - t0
         probe.unlink()
         model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         opt_bytes = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
-                        for t in st.values() if torch.is_tensor(t))
+                        for t in ((v.to_local() if hasattr(v, "to_local") else v) for v in st.values())
+                        if torch.is_tensor(t))
         return write_s * (2 + opt_bytes / max(1, model_bytes)), write_s
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -706,7 +797,7 @@ class Trainer:
     def _start(self) -> None:
         self._started = True
         if self.save_folder:
-            if self.cfg.get("save_overwrite") and not self.cfg["autoresume"]:
+            if self.cfg.get("save_overwrite") and not self.cfg["autoresume"] and self.dist.is_main:
                 # Start afresh in the same folder: remove what a run writes, and nothing else.
                 for name in (CHECKPOINTS, "hf", "adapter", "tensorboard", "metrics.jsonl", "loss.png"):
                     target = self.save_folder / name
@@ -715,6 +806,7 @@ class Trainer:
                     elif target.exists():
                         target.unlink()
             self.save_folder.mkdir(parents=True, exist_ok=True)
+            self.dist.barrier()  # rank 0 has cleared the folder
             newest = self.newest_checkpoint()
             if newest and not self.cfg["autoresume"]:
                 raise ConfigError(f"{self.save_folder} already holds checkpoints (newest {newest.name}); set "
@@ -724,7 +816,7 @@ class Trainer:
                 self.load_checkpoint(newest)
                 self._reload_metrics()
                 self.log(f"resumed from {newest} at step {self.step}")
-            elif self._metrics_path().exists():
+            elif self._metrics_path().exists() and self.dist.is_main:
                 self._metrics_path().unlink()
         mc = self.model.config
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -740,8 +832,10 @@ class Trainer:
     def _loop(self) -> dict:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.cfg["progress_bar"], unit="ba",
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="ba",
+                   disable=not (self.cfg["progress_bar"] and self.dist.is_main),
                    dynamic_ncols=True, file=sys.stderr)
+        write = bar.write if self.dist.is_main else (lambda *a, **k: None)
         window_t, window_tokens = time.perf_counter(), 0
         last, step_times = {}, []
         while self.max_steps is None or self.step < self.max_steps:
@@ -757,9 +851,9 @@ class Trainer:
                 if self.max_steps is None:
                     if len(step_times) < self.WARMUP_STEPS + self.PROBE_STEPS:
                         continue
-                    self.size_to_budget(statistics.median(step_times[self.WARMUP_STEPS:]), bar.write)
+                    self.size_to_budget(statistics.median(step_times[self.WARMUP_STEPS:]), write)
                 elif self.step % self.log_every == 0 and len(step_times) >= 2 * self.PROBE_STEPS:
-                    self.keep_to_budget(statistics.median(step_times[-5 * self.PROBE_STEPS:]), bar.write)
+                    self.keep_to_budget(statistics.median(step_times[-5 * self.PROBE_STEPS:]), write)
                 window_t += time.perf_counter() - paused
                 if bar.total != self.max_steps:
                     bar.total = self.max_steps
@@ -772,7 +866,7 @@ class Trainer:
                 if self.finetuning:
                     row["packing_efficiency"] = self.loader.packing_efficiency()
                 self._record(row)
-                bar.write(f"step {self.step}/{self.max_steps} | loss {row['loss']:.4f} | lb {row['lb_loss']:.3f} | "
+                write(f"step {self.step}/{self.max_steps} | loss {row['loss']:.4f} | lb {row['lb_loss']:.3f} | "
                           f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | {tps:,.0f} tok/s | "
                           f"MFU {row['mfu']:.1%} | experts max {row['expert_share_max']:.1%} "
                           f"min {row['expert_share_min']:.1%}")
@@ -780,14 +874,14 @@ class Trainer:
             paused = time.perf_counter()
             if self.eval_reader is not None and (self.eval_every and self.step % self.eval_every == 0
                                                  or self.step == self.max_steps):
-                self._eval_and_record(bar.write)
+                self._eval_and_record(write)
                 self._eval_s = time.perf_counter() - paused  # what the budget plans with from now on
             if self.save_folder and self.save_every and (self.step % self.save_every == 0
                                                          or self.step == self.max_steps):
                 t_save = time.perf_counter()
                 path = self.save_checkpoint()
                 self._save_s = time.perf_counter() - t_save
-                bar.write(f"saved {path}")
+                write(f"saved {path}")
             window_t += time.perf_counter() - paused  # throughput counts training time only
         bar.close()
         if self.save_folder:

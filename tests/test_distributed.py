@@ -1,0 +1,146 @@
+"""Scale-out on torch.distributed (gloo, 2 processes): FSDP2 matches one process step for step, the
+load-balancing loss comes from all-reduced counts, and `dbrx train --nproc 2` runs a YAML end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from dbrx.parallel import parallel_config
+from dbrx.train.config import ConfigError, load_config
+from tests.test_train import data, run_config  # noqa: F401 (the fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="this torch build has no gloo backend")
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fsdp2_matches_one_process_and_the_per_rank_balance_would_not(data, tmp_path):
+    clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 0.5}}  # active: norms are ~1-2
+    common = dict(save_folder=None, eval_loader=None, algorithms=clip, max_duration="8ba")
+    ref = write_yaml(tmp_path / "ref.yaml", run_config(data, tmp_path, device_train_microbatch_size=8, **common))
+    par = write_yaml(tmp_path / "par.yaml", run_config(data, tmp_path, device_train_microbatch_size=4, **common))
+    out = tmp_path / "out.json"
+    done = torchrun("tests/distributed_worker.py", str(ref), str(par), str(out), "8")
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["world_size"] == 2 and len(rows) == 8
+    for row in rows:
+        assert abs(row["loss"][0] - row["loss"][1]) < 1e-5
+        assert abs(row["lb"][0] - row["lb"][1]) < 1e-5
+        assert abs(row["norm"][0] - row["norm"][1]) <= 1e-6 * row["norm"][0]
+        assert row["norm"][0] > 0.5  # clipping was active, with the global norm
+    assert rows[0]["grad_rel"] < 1e-6
+    assert result["weight_rel"] < 1e-4  # Adam divides by sqrt(v): rounding-level gradient differences grow a little
+    # Negative control: balancing each rank's own tokens gives another loss.
+    assert max(abs(r["per_rank_lb"] - r["lb"][0]) for r in rows) > 1e-4
+
+
+def test_dbrx_train_nproc_2_runs_a_yaml(data, tmp_path):
+    cfg = write_yaml(tmp_path / "run.yaml", run_config(data, tmp_path, save_folder=None, max_duration="4ba",
+                                                       eval_interval="2ba"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "dbrx", "train", str(cfg), "--nproc", "2"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("done: 4 steps") == 1  # printed by rank 0 only
+    assert "2 processes (gloo): FSDP2 over 2 ranks" in done.stdout
+    assert "held-out loss" in done.stdout
+
+
+def test_parallel_keys_are_checked_and_named():
+    cfg = {"parallelism": {"expert_parallel_degree": 3}}
+    with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree: 3 must divide the expert count"):
+        parallel_config(cfg, 2, 16)
+    with pytest.raises(ConfigError, match="disagree"):
+        parallel_config({"parallelism": {"expert_parallel_degree": 2},
+                         "model": {"ffn_config": {"moe_world_size": 4}}}, 4, 16)
+    with pytest.raises(ConfigError, match="fsdp_config.sharding_strategy: NO_SHARD"):
+        parallel_config({"fsdp_config": {"sharding_strategy": "NO_SHARD"}}, 2, 16)
+    with pytest.raises(ConfigError, match="fsdp_config.mixed_precision"):
+        parallel_config({"fsdp_config": {"mixed_precision": "HALF"}}, 2, 16)
+    with pytest.raises(ConfigError, match="parallelism.tensor_parallel_degree"):
+        parallel_config({"parallelism": {"tensor_parallel_degree": 2}}, 2, 16)
+    with pytest.raises(ConfigError, match="data_parallel_shard_degree: 3"):
+        parallel_config({"parallelism": {"data_parallel_shard_degree": 3}}, 2, 16)
+    notes = []
+    pc = parallel_config({"fsdp_config": {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT",
+                                          "activation_checkpointing": True, "limit_all_gathers": True}},
+                         2, 16, log=notes.append)
+    assert (pc.dp_shard, pc.reshard_after_forward, pc.activation_checkpointing) == (2, False, True)
+    assert "limit_all_gathers" in notes[0]
+    with pytest.raises(ConfigError, match="unknown key 'fsdp_config.shardng_strategy'"):
+        load_config(None, base={"fsdp_config": {"shardng_strategy": "FULL_SHARD"}})
+
+
+def _losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _train(cfg_path: Path, nproc: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "dbrx", "train", str(cfg_path)] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_sharded_checkpoints_resume_at_another_world_size_and_export_from_shards(data, tmp_path):
+    import shutil
+
+    import torch
+
+    from dbrx import DbrxForCausalLM
+    from dbrx.train.trainer import Trainer
+
+    def config(name: str, micro: int, **extra) -> Path:
+        cfg = run_config(data, tmp_path / name, device_train_microbatch_size=micro, eval_loader=None,
+                         save_interval="4ba", max_duration="8ba", autoresume=True, **extra)
+        return write_yaml(tmp_path / f"{name}.yaml", cfg)
+
+    _train(config("whole", 8), 1)  # uninterrupted, one process
+    whole = _losses(tmp_path / "whole")
+    # 2 processes -> 1: the sharded checkpoint at step 4 resumes in one process
+    _train(config("two", 4), 2)
+    two = tmp_path / "two"
+    assert (two / "checkpoints" / "ba00000008" / ".metadata").exists()  # Distributed Checkpoint shards
+    hf = two / "hf"
+    assert len(list(hf.glob("model-0000?-of-00002.safetensors"))) == 2 and (hf / "model.safetensors.index.json").exists()
+    # The export from shards holds the sharded run's final weights, exactly.
+    probe = Trainer(load_config(config("two", 8)), log=lambda *a, **k: None)
+    probe.load_checkpoint(two / "checkpoints" / "ba00000008")
+    exported = DbrxForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    for (name, a), b in zip(probe.model.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
+    for step in (1, 4, 8):
+        assert abs(_losses(two)[step] - whole[step]) < 1e-5
+    shutil.rmtree(two / "checkpoints" / "ba00000008")
+    _train(config("two", 8), 1)
+    resumed = _losses(two)
+    assert all(abs(resumed[s] - whole[s]) < 1e-5 for s in range(5, 9)), (resumed, whole)
+    # 1 process -> 2
+    one = tmp_path / "whole"
+    shutil.rmtree(one / "checkpoints" / "ba00000008")
+    _train(config("whole", 4), 2)
+    resumed = _losses(one)
+    assert all(abs(resumed[s] - whole[s]) < 1e-5 for s in range(5, 9)), (resumed, whole)
