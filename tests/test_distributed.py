@@ -33,11 +33,14 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-def test_fsdp2_matches_one_process_and_the_per_rank_balance_would_not(data, tmp_path):
+@pytest.mark.parametrize("fsdp", [{}, {"sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True}],
+                         ids=["full-shard", "shard-grad-op+checkpointing"])
+def test_fsdp2_matches_one_process_and_the_per_rank_balance_would_not(data, tmp_path, fsdp):
     clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 0.5}}  # active: norms are ~1-2
     common = dict(save_folder=None, eval_loader=None, algorithms=clip, max_duration="8ba")
     ref = write_yaml(tmp_path / "ref.yaml", run_config(data, tmp_path, device_train_microbatch_size=8, **common))
-    par = write_yaml(tmp_path / "par.yaml", run_config(data, tmp_path, device_train_microbatch_size=4, **common))
+    par = write_yaml(tmp_path / "par.yaml", run_config(data, tmp_path, device_train_microbatch_size=4,
+                                                       fsdp_config=fsdp, **common))
     out = tmp_path / "out.json"
     done = torchrun("tests/distributed_worker.py", str(ref), str(par), str(out), "8")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -56,8 +59,11 @@ def test_fsdp2_matches_one_process_and_the_per_rank_balance_would_not(data, tmp_
 
 
 def test_dbrx_train_nproc_2_runs_a_yaml(data, tmp_path):
+    # bf16 gathers with fp32 reduction, gradient accumulation over 2 micro-batches per rank
+    fsdp = {"mixed_precision": "DEFAULT", "activation_checkpointing": True}
     cfg = write_yaml(tmp_path / "run.yaml", run_config(data, tmp_path, save_folder=None, max_duration="4ba",
-                                                       eval_interval="2ba"))
+                                                       eval_interval="2ba", device_train_microbatch_size=2,
+                                                       fsdp_config=fsdp))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "dbrx", "train", str(cfg), "--nproc", "2"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
@@ -144,3 +150,26 @@ def test_sharded_checkpoints_resume_at_another_world_size_and_export_from_shards
     _train(config("whole", 4), 2)
     resumed = _losses(one)
     assert all(abs(resumed[s] - whole[s]) < 1e-5 for s in range(5, 9)), (resumed, whole)
+
+
+def test_the_memory_plan_matches_the_published_layouts_and_refuses_a_run_that_cannot_fit(data, tmp_path, capsys):
+    from dbrx.cli import main
+    from dbrx.config import DbrxConfig
+    from dbrx.parallel.plan import memory_plan
+    from dbrx.train.trainer import Trainer
+
+    base = DbrxConfig.from_name("dbrx-base")
+    eight = memory_plan(base, 8, device_bytes=80e9)
+    wide = memory_plan(base, 64, 16, activation_checkpointing=True, device_bytes=80e9)
+    assert not eight.fits and 250e9 < eight.total and eight.optimizer == 2 * eight.parameters
+    assert wide.fits and 35e9 < wide.total < 50e9
+    assert main(["plan", "--preset", "dbrx-base", "--nproc", "64", "--ep", "16", "--gpu-memory", "80GB",
+                 "--activation-checkpointing"]) == 0
+    assert "fits in 80 GB per device" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "--preset", "dbrx-base", "--nproc", "8", "--gpu-memory", "80GB"])
+    assert "does NOT fit" in capsys.readouterr().out
+    # The trainer refuses from the plan, before it builds (allocates) the 132B model.
+    cfg = run_config(data, tmp_path, save_folder=None, model={"preset": "dbrx-base"}, max_seq_len=32)
+    with pytest.raises(ConfigError, match="needs about .* GB per device"):
+        Trainer(load_config(None, base=cfg), log=lambda *a: None)

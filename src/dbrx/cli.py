@@ -287,6 +287,24 @@ def cmd_train(args) -> None:
                  if summary.get("eval_loss") is not None else ""))
 
 
+# ---- plan --------------------------------------------------------------------------------------------------------
+def cmd_plan(args) -> None:
+    from dbrx.checkpoint import parse_size
+    from dbrx.parallel.plan import memory_plan
+
+    config = DbrxConfig.from_name(args.preset) if args.preset else DbrxConfig.from_pretrained(args.model)
+    device_bytes = parse_size(args.gpu_memory) if args.gpu_memory else None
+    plan = memory_plan(config, args.nproc, args.ep, seq=args.seq, micro_batch=args.micro_batch,
+                       optimizer=args.optimizer, activation_checkpointing=args.activation_checkpointing,
+                       param_dtype=resolve_dtype(args.param_dtype), device_bytes=device_bytes)
+    print(f"{args.preset or args.model}: {args.nproc} processes, expert parallel {args.ep}, sequence {args.seq} x "
+          f"micro-batch {args.micro_batch}, {args.optimizer}, activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'}, gathered weights in {args.param_dtype}")
+    print(plan.table())
+    if plan.fits is False:
+        raise SystemExit(1)
+
+
 # ---- merge-lora --------------------------------------------------------------------------------------------------
 # Tokenizer files a base checkpoint may carry; the merged checkpoint gets the base's own (else ours).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -434,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start N processes on this host through torchrun (the same as `torchrun --standalone "
                         "--nproc_per_node N -m dbrx train ...`)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="memory per device of a sharded training run (FSDP2, expert parallel)",
+                       description="Parameters, gradients, optimizer state, gathered weights and activations per "
+                                   "device, from the model's shape alone; exits 1 when --gpu-memory is too small.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
+    which.add_argument("--model", type=Path, help="a Hugging Face-format checkpoint directory")
+    p.add_argument("--nproc", type=int, required=True, help="processes (devices) in all")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides --nproc and the expert count)")
+    p.add_argument("--gpu-memory", default=None, help="memory per device, e.g. 80GB")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per device")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--param-dtype", default="bfloat16", help="dtype of gathered weights (fsdp_config.mixed_precision"
+                                                              " DEFAULT: bfloat16)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model, as a plain checkpoint",
                        description="Load a Hugging Face-format DBRX checkpoint and a LoRA adapter directory "

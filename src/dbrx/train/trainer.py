@@ -37,6 +37,7 @@ from dbrx.model import DbrxForCausalLM
 from dbrx.moe import router_statistics
 from dbrx.parallel import Dist, parallel_config, parallelize
 from dbrx.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
+from dbrx.parallel.plan import memory_plan
 from dbrx.perf import choose_training_precision, keep_freed_memory, machine_profile
 from dbrx.train.budget import plan_steps
 from dbrx.train.config import ConfigError, Time
@@ -210,6 +211,7 @@ class Trainer:
         self.amp = self.precision == "amp_bf16"
         self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
 
+        self._refuse_what_cannot_fit(cfg)
         self.model = build_model(cfg["model"], self.seq_len, self.device)
         self.parallel = parallel_config(cfg, self.dist.world_size, self.model.config.num_experts, self.log)
         if self.batch_size % self.dist.world_size:
@@ -272,6 +274,40 @@ class Trainer:
         self.peak_flops = profile.bf16_flops if self.amp else profile.fp32_flops
 
     # ---- construction helpers ---------------------------------------------------------------------------------
+    def _refuse_what_cannot_fit(self, cfg: dict) -> None:
+        """The memory plan (dbrx.parallel.plan) from the model's shape, before anything is allocated: a run that
+        cannot fit on its device is refused with the plan's table."""
+        model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("name", "peft_config")}
+        try:
+            if "pretrained" in model_cfg:
+                config = DbrxConfig.from_pretrained(model_cfg["pretrained"])
+            else:
+                preset = model_cfg.pop("preset", None)
+                ffn = model_cfg.get("ffn_config")
+                if isinstance(ffn, dict):
+                    model_cfg["ffn_config"] = {k: v for k, v in ffn.items() if k != "moe_world_size"}
+                config = (DbrxConfig.from_name(preset) if preset else DbrxConfig()).replace(**model_cfg)
+        except (ValueError, TypeError, OSError, CheckpointError):
+            return  # build_model names the problem
+        pcfg = parallel_config(cfg, self.dist.world_size, config.num_experts, lambda *a: None)
+        if self.device.type == "cuda":
+            device_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            from dbrx.checkpoint import available_memory_bytes
+
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            device_bytes = available_memory_bytes() / max(1, local)
+        plan = memory_plan(config, self.dist.world_size, pcfg.ep, seq=self.seq_len, micro_batch=self.micro,
+                           activation_checkpointing=pcfg.activation_checkpointing,
+                           param_dtype=pcfg.param_dtype or torch.float32, device_bytes=device_bytes,
+                           frozen_base=cfg["model"].get("peft_config") is not None)
+        if not plan.fits:
+            raise ConfigError(f"this run needs about {plan.total / 1e9:,.1f} GB per device and the device has "
+                              f"{device_bytes / 1e9:,.1f} GB; nothing was allocated. The plan:\n{plan.table()}\n"
+                              "Add processes (torchrun --nproc_per_node / --nnodes), expert parallelism "
+                              "(parallelism.expert_parallel_degree), fsdp_config.activation_checkpointing: true or "
+                              "a smaller device_train_microbatch_size (dbrx plan shows the options)")
+
     def _to_batches(self, t: Time, key: str, total: int | None = None) -> int:
         """Batches in a duration; `dur` (a fraction of the run) needs the run's step count `total`."""
         per_batch = self.batch_size * self.seq_len
