@@ -39,9 +39,12 @@ def main(ref_yaml: str, par_yaml: str, out: str, steps: int) -> None:
                      "per_rank_lb": per_rank})
     weight_rel = max(((a.detach() - full(b.detach())).abs().max() / a.detach().abs().max()).item()
                      for a, b in zip(ref.model.parameters(), par.model.parameters()))
+    w1 = par.model.transformer.blocks[0].ffn.experts.mlp.w1
+    local_rows = (w1.to_local() if hasattr(w1, "to_local") else w1).shape[0]
     if dist.is_main:
         with open(out, "w") as fh:
-            json.dump({"rows": rows, "weight_rel": weight_rel, "world_size": dist.world_size}, fh)
+            json.dump({"rows": rows, "weight_rel": weight_rel, "world_size": dist.world_size,
+                       "expert_rows": [w1.shape[0], local_rows]}, fh)
     torch.distributed.destroy_process_group()
 
 

@@ -33,20 +33,25 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("fsdp", [{}, {"sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True}],
-                         ids=["full-shard", "shard-grad-op+checkpointing"])
-def test_fsdp2_matches_one_process_and_the_per_rank_balance_would_not(data, tmp_path, fsdp):
+@pytest.mark.parametrize("layout", [
+    {},
+    {"fsdp_config": {"sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True}},
+    {"parallelism": {"expert_parallel_degree": 2}},
+], ids=["fsdp2", "shard-grad-op+checkpointing", "ep2+fsdp2"])
+def test_fsdp2_and_ep_match_one_process_and_the_per_rank_balance_would_not(data, tmp_path, layout):
     clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 0.5}}  # active: norms are ~1-2
     common = dict(save_folder=None, eval_loader=None, algorithms=clip, max_duration="8ba")
     ref = write_yaml(tmp_path / "ref.yaml", run_config(data, tmp_path, device_train_microbatch_size=8, **common))
     par = write_yaml(tmp_path / "par.yaml", run_config(data, tmp_path, device_train_microbatch_size=4,
-                                                       fsdp_config=fsdp, **common))
+                                                       **layout, **common))
     out = tmp_path / "out.json"
     done = torchrun("tests/distributed_worker.py", str(ref), str(par), str(out), "8")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["world_size"] == 2 and len(rows) == 8
+    # Each rank holds half of every expert tensor's rows: FSDP2 shards (dim 0), or with EP 2 whole experts
+    assert result["expert_rows"][1] == result["expert_rows"][0] // 2
     for row in rows:
         assert abs(row["loss"][0] - row["loss"][1]) < 1e-5
         assert abs(row["lb"][0] - row["lb"][1]) < 1e-5
@@ -111,7 +116,7 @@ def _train(cfg_path: Path, nproc: int) -> subprocess.CompletedProcess:
     return done
 
 
-def test_sharded_checkpoints_resume_at_another_world_size_and_export_from_shards(data, tmp_path):
+def test_sharded_checkpoints_resume_at_another_layout_and_export_from_shards(data, tmp_path):
     import shutil
 
     import torch
@@ -126,8 +131,8 @@ def test_sharded_checkpoints_resume_at_another_world_size_and_export_from_shards
 
     _train(config("whole", 8), 1)  # uninterrupted, one process
     whole = _losses(tmp_path / "whole")
-    # 2 processes -> 1: the sharded checkpoint at step 4 resumes in one process
-    _train(config("two", 4), 2)
+    # 2 processes with expert parallelism -> 1 process: the sharded checkpoint at step 4 resumes in one process
+    _train(config("two", 4, parallelism={"expert_parallel_degree": 2}), 2)
     two = tmp_path / "two"
     assert (two / "checkpoints" / "ba00000008" / ".metadata").exists()  # Distributed Checkpoint shards
     hf = two / "hf"

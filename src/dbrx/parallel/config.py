@@ -60,9 +60,6 @@ def parallel_config(cfg: dict, world_size: int, num_experts: int, log=print) -> 
     if num_experts % ep or world_size % ep:
         raise ConfigError(f"{key}: {ep} must divide the expert count ({num_experts}) and the world size "
                           f"({world_size})")
-    if ep > 1:
-        raise ConfigError(f"{key}: expert parallelism (degree {ep}) is not available yet; set it to 1 to shard "
-                          "the experts with FSDP2 like every other weight")
 
     for k in ("hybrid_sharding_degree", "replicate_degree"):
         if fsdp.get(k) not in (None, 1):

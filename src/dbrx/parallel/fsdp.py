@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dbrx.model import DbrxForCausalLM
 from dbrx.parallel.config import ParallelConfig
+from dbrx.parallel.expert import apply_expert_parallel
 from dbrx.parallel.runtime import Dist
 
 
@@ -29,9 +30,18 @@ def parallelize(model: DbrxForCausalLM, dist: Dist, pcfg: ParallelConfig, device
     """Shard `model` in place over all ranks; returns the data-parallel mesh."""
     mesh = init_device_mesh(device.type, (dist.world_size,), mesh_dim_names=("dp_shard",))
     mp = MixedPrecisionPolicy(param_dtype=pcfg.param_dtype, reduce_dtype=pcfg.reduce_dtype)
+    expert_mesh = None
+    if pcfg.ep > 1:  # experts split over `ep`, then FSDP-sharded over the ranks holding the same experts
+        experts_2d = init_device_mesh(device.type, (dist.world_size // pcfg.ep, pcfg.ep),
+                                      mesh_dim_names=("dp_mod_ep", "ep"))
+        apply_expert_parallel(model, experts_2d["ep"])
+        expert_mesh = experts_2d["dp_mod_ep"]
     for block in model.transformer.blocks:
         if pcfg.activation_checkpointing:
             _checkpoint_block(block)
+        if expert_mesh is not None:
+            fully_shard(block.ffn.experts, mesh=expert_mesh, mp_policy=mp,
+                        reshard_after_forward=pcfg.reshard_after_forward)
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
     # The root (embedding, final norm, head) stays gathered from its forward to its backward: the head's chunked
     # loss reads lm_head.weight after hidden_states returns.

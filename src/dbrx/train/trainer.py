@@ -488,15 +488,26 @@ class Trainer:
     def apply_gradients(self, loss: float, aux: float, router_logits: list[torch.Tensor]) -> dict:
         """The rest of a step after backward_batch: the global gradient norm, clipping, AdamW, the schedule."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # Sharded gradients (FSDP2's DTensors) give a partial norm: full_tensor() reduces it to the global one.
-        grad_norm = (total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm).item()
+        if self.dist.enabled:
+            # Sharded gradients sit on two meshes with expert parallelism (dense weights over all ranks, experts
+            # over ep x dp_mod_ep), and every rank holds a disjoint piece of each: the global norm is the square
+            # root of all ranks' local sums of squares.
+            local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+            squares = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in local]).sum().double()
+            grad_norm = math.sqrt(self.dist.all_reduce(squares.reshape(1)).item())
+        else:
+            total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = total_norm.item()
         if not math.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient norm at step {self.step + 1}. " + self._resume_hint())
         # clip_grad_norm_ would also multiply every gradient by 1.0 when the norm is under the threshold: a pass
         # over 70M+ floats (the 100k-vocab head and embedding) for nothing.
         if self.clip_norm and grad_norm + 1e-6 > self.clip_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, total_norm)
+            if self.dist.enabled:  # clip_grads_with_norm_'s coefficient, applied to each rank's pieces
+                for g in local:
+                    g.mul_(self.clip_norm / (grad_norm + 1e-6))
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, total_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
