@@ -178,3 +178,28 @@ def test_the_memory_plan_matches_the_published_layouts_and_refuses_a_run_that_ca
     cfg = run_config(data, tmp_path, save_folder=None, model={"preset": "dbrx-base"}, max_seq_len=32)
     with pytest.raises(ConfigError, match="needs about .* GB per device"):
         Trainer(load_config(None, base=cfg), log=lambda *a: None)
+
+
+def test_a_two_node_rendezvous_on_loopback_trains(data, tmp_path):
+    """Two "nodes" (one process each) meet through torchrun's c10d rendezvous on 127.0.0.1, as two machines
+    would through a head node's address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_yaml(tmp_path / "run.yaml", run_config(data, tmp_path, save_folder=None, max_duration="2ba",
+                                                       eval_loader=None))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=dbrx-test", "-m", "dbrx", "train", str(cfg)],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [node.communicate(timeout=240) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-4000:]
+    printed = outs[0][0] + outs[1][0]
+    assert printed.count("done: 2 steps") == 1 and "2 processes (gloo)" in printed
