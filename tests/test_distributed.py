@@ -203,3 +203,23 @@ def test_a_two_node_rendezvous_on_loopback_trains(data, tmp_path):
         assert node.returncode == 0, err[-4000:]
     printed = outs[0][0] + outs[1][0]
     assert printed.count("done: 2 steps") == 1 and "2 processes (gloo)" in printed
+
+
+def test_sigkill_of_one_rank_during_a_save_leaves_the_previous_checkpoint_usable(data, tmp_path):
+    def config(name: str) -> Path:
+        return write_yaml(tmp_path / f"{name}.yaml", run_config(
+            data, tmp_path / name, device_train_microbatch_size=8, eval_loader=None, save_interval="2ba",
+            max_duration="6ba", autoresume=True, dist_timeout=30))
+
+    _train(config("straight"), 1)
+    killed = config("killed")
+    done = torchrun("tests/distributed_kill_worker.py", str(killed), "4")
+    assert done.returncode != 0  # rank 1 died; torchrun stopped rank 0 too
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert (checkpoints / "ba00000002" / "trainer_state.json").exists()
+    assert not (checkpoints / "ba00000004").exists()  # the interrupted save never became a checkpoint
+    assert (checkpoints / ".ba00000004.tmp").exists()
+    out = _train(killed, 1).stdout
+    assert "resumed from" in out and "ba00000002" in out
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert all(abs(straight[s] - resumed[s]) < 1e-5 for s in range(3, 7)), (straight, resumed)
