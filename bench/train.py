@@ -71,6 +71,66 @@ STEP = textwrap.dedent("""
 """)
 
 
+# One training step sharded over torchrun's processes (FSDP2, and EP with --ep): tokens/s of the global batch and
+# the share of the step each rank spends in collectives (profiler events of the c10d ops, waits included).
+DIST_STEP = textwrap.dedent("""
+    import json, statistics, sys, time
+    import torch
+    from torch.profiler import profile
+    from dbrx import DbrxForCausalLM
+    from dbrx.parallel import ParallelConfig, init_distributed, parallelize
+    from dbrx.perf import keep_freed_memory
+    from dbrx.train.loss import chunked_cross_entropy_sum
+    from dbrx.train.trainer import build_optimizer, training_layout
+    path, out = sys.argv[1], sys.argv[2]
+    batch, seq, steps, ep = map(int, sys.argv[3:7])
+    dist = init_distributed("cpu")
+    keep_freed_memory()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100000, (batch, seq)).chunk(dist.world_size)[dist.rank]
+    model = training_layout(DbrxForCausalLM.from_pretrained(path, dtype=torch.float32)).train()
+    if dist.enabled:
+        parallelize(model, dist, ParallelConfig(dp_shard=dist.world_size, ep=ep), torch.device("cpu"))
+    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0})
+
+    def step():
+        h, _ = model.hidden_states(ids)
+        loss = chunked_cross_entropy_sum(h, model.lm_head.weight, ids, compute_dtype=torch.float32)
+        (loss / (batch * (seq - 1))).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    times = []
+    with profile() as prof:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    comm = sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key.startswith(("c10d::", "_c10d_functional", "gloo")) or "all_to_all" in e.key) / 1e6
+    row = {"tokens_per_s": batch * seq / statistics.median(times), "comm_share": comm / sum(times)}
+    shares = dist.sum_floats(*[row["comm_share"] if r == dist.rank else 0.0 for r in range(dist.world_size)])
+    if dist.is_main:
+        open(out, "w").write(json.dumps({**row, "comm_shares": shares}))
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+""")
+
+
+def run_sharded(path: str, nproc: int, ep: int, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = f"{tmp}/step.py", f"{tmp}/out.json"
+        open(script, "w").write(DIST_STEP)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        done = subprocess.run(launcher + [script, path, out, str(args.batch), str(args.seq), str(args.steps),
+                                          str(ep)], capture_output=True, text=True)
+        if done.returncode:
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+            return {"error": last}
+        return json.loads(open(out).read())
+
+
 def run(impl: str, path: str, precision: str, args) -> dict:
     out = subprocess.run([sys.executable, "-c", STEP, impl, path, precision, str(args.batch), str(args.seq),
                           str(args.steps)], capture_output=True, text=True)
@@ -89,6 +149,10 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--precisions", default="fp32,amp_bf16")
     ap.add_argument("--force", action="store_true", help="run amp_bf16 even where bf16 matmul is emulated")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="also run the step (fp32) sharded over N torchrun processes on this host, against 1 "
+                         "process, and report each rank's share of the step spent in communication")
+    ap.add_argument("--ep", type=int, default=1, help="with --nproc: the expert-parallel degree")
     args = ap.parse_args()
     import torch
 
@@ -115,6 +179,21 @@ def main() -> None:
             precisions.remove("amp_bf16")
             print(f"amp_bf16 skipped: bf16 matmul is {1 / profile.bf16_speedup:,.0f}x slower than fp32 here "
                   f"(precision auto chooses {auto}); --force runs it anyway")
+        if args.nproc > 1:  # same global batch: 1 process, then N (threads split between them)
+            import os
+
+            threads = torch.get_num_threads()
+            for nproc in (1, args.nproc):
+                os.environ["OMP_NUM_THREADS"] = str(max(1, threads // nproc))
+                r = run_sharded(tmp, nproc, args.ep if nproc > 1 else 1, args)
+                if "error" in r:
+                    print(f"{nproc} process(es): fails: {r['error']}", flush=True)
+                    continue
+                shares = ", ".join(f"{x:.1%}" for x in r["comm_shares"])
+                print(f"{nproc} process(es){f', EP {args.ep}' if nproc > 1 and args.ep > 1 else ''}, fp32, "
+                      f"{max(1, threads // nproc)} thread(s) each: {r['tokens_per_s']:8.0f} tok/s; communication "
+                      f"share of the step per rank: {shares}", flush=True)
+            os.environ.pop("OMP_NUM_THREADS", None)
         for impl in ("dbrx",) + (() if args.no_hf else ("transformers",)):
             for precision in precisions:
                 r = run(impl, tmp, precision, args)
