@@ -45,6 +45,7 @@ def main(ref_yaml: str, par_yaml: str, out: str, steps: int) -> None:
         with open(out, "w") as fh:
             json.dump({"rows": rows, "weight_rel": weight_rel, "world_size": dist.world_size,
                        "expert_rows": [w1.shape[0], local_rows]}, fh)
+    dist.barrier()  # nobody tears the group down while another rank is still in a collective
     torch.distributed.destroy_process_group()
 
 

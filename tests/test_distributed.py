@@ -13,6 +13,7 @@ import yaml
 
 from dbrx.parallel import parallel_config
 from dbrx.train.config import ConfigError, load_config
+from dbrx.config import DbrxConfig
 from tests.test_train import data, run_config  # noqa: F401 (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +38,23 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     {},
     {"fsdp_config": {"sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True}},
     {"parallelism": {"expert_parallel_degree": 2}},
-], ids=["fsdp2", "shard-grad-op+checkpointing", "ep2+fsdp2"])
+    {"parallelism": {"expert_parallel_degree": 2}, "pretrained": True},
+], ids=["fsdp2", "shard-grad-op+checkpointing", "ep2+fsdp2", "ep2+fsdp2-from-a-bf16-checkpoint"])
 def test_fsdp2_and_ep_match_one_process_and_the_per_rank_balance_would_not(data, tmp_path, layout):
     clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 0.5}}  # active: norms are ~1-2
     common = dict(save_folder=None, eval_loader=None, algorithms=clip, max_duration="8ba")
+    layout = dict(layout)
+    if layout.pop("pretrained", False):  # a bf16 checkpoint that each rank reads its own pieces of
+        import torch
+
+        from dbrx import DbrxForCausalLM
+        from tests.test_train import TINY_MODEL
+
+        torch.manual_seed(5)
+        spec = {k: v for k, v in TINY_MODEL.items() if k != "preset"}
+        model = DbrxForCausalLM(DbrxConfig.from_name("dbrx-tiny").replace(**spec)).to(torch.bfloat16)
+        model.save_pretrained(tmp_path / "ckpt")
+        common["model"] = {"pretrained": str(tmp_path / "ckpt")}
     ref = write_yaml(tmp_path / "ref.yaml", run_config(data, tmp_path, device_train_microbatch_size=8, **common))
     par = write_yaml(tmp_path / "par.yaml", run_config(data, tmp_path, device_train_microbatch_size=4,
                                                        **layout, **common))

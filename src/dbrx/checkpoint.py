@@ -104,7 +104,7 @@ def checkpoint_dtype(header: dict) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else None
 
 
-def _check_against(model: torch.nn.Module, header: dict, path: Path) -> None:
+def check_against(model: torch.nn.Module, header: dict, path: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in header]
     unexpected = [k for k in header if k not in expected]
@@ -132,7 +132,7 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
     dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or torch.float32
     with torch.device("meta"):
         model = cls(config)
-    _check_against(model, header, path)
+    check_against(model, header, path)
 
     device = str(device)
     state = {}

@@ -272,6 +272,7 @@ def cmd_train(args) -> None:
     dist = init_distributed(cfg["device"], cfg.get("dist_timeout"))
     try:
         summary = Trainer(cfg, dist=dist).fit()
+        dist.barrier()  # nobody tears the group down while another rank is still in a collective
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()

@@ -53,3 +53,16 @@ def load_single_process(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         groups.append({**group, "params": [names[i] for i in group["params"]]})
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict={"state": state, "param_groups": groups},
                    options=StateDictOptions(full_state_dict=True))
+
+
+def load_pretrained_sharded(model: torch.nn.Module, path: str | Path) -> None:
+    """A Hugging Face-format checkpoint (safetensors, single file or shards + index) into a sharded model whose
+    parameters are already on their devices (uninitialised): DCP's Hugging Face reader gives each rank just its own
+    pieces, converted to the parameters' dtype. Tensor names and shapes are checked first, naming the tensor."""
+    from dbrx.checkpoint import check_against, read_header
+
+    check_against(model, read_header(Path(path)), Path(path))  # names a missing, unexpected or misshapen tensor
+    state = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))

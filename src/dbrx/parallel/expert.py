@@ -63,7 +63,8 @@ def _ep_forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: 
 
     y_SD = all_to_all_single(y_recv.new_empty(sum(send_splits), D), y_recv, send_splits, recv_splits, group=group)
     y_NKD = y_SD.index_select(0, order_S.argsort()).view(N, K, D)
-    return torch.bmm(weights_NK.unsqueeze(1).to(y_NKD.dtype), y_NKD).squeeze(1).to(x_ND.dtype)
+    # A weighted sum over each token's K copies; not a view (FSDP2 warns about a unit returning one).
+    return (y_NKD * weights_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(dim=1).to(x_ND.dtype)
 
 
 def apply_expert_parallel(model: DbrxForCausalLM, ep_mesh: DeviceMesh) -> None:

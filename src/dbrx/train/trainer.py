@@ -81,7 +81,10 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
             raise ConfigError("model.pretrained loads a checkpoint as it is; drop the other model keys "
                               f"({', '.join(sorted(model_cfg) + (['preset'] if preset else []))})")
         try:
-            model = DbrxForCausalLM.from_pretrained(pretrained, dtype=torch.float32, device=device)
+            if device.type == "meta":  # the shapes only: a sharded run reads the weights after sharding
+                model = DbrxForCausalLM(DbrxConfig.from_pretrained(pretrained))
+            else:
+                model = DbrxForCausalLM.from_pretrained(pretrained, dtype=torch.float32, device=device)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise ConfigError(f"model.pretrained: {e}") from None
     else:
@@ -212,7 +215,10 @@ class Trainer:
         self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
 
         self._refuse_what_cannot_fit(cfg)
-        self.model = build_model(cfg["model"], self.seq_len, self.device)
+        # A pretrained model in a sharded run is built on the meta device, sharded, and then each rank reads only
+        # its own pieces of the checkpoint (no rank ever holds the whole model).
+        sharded_load = self.dist.enabled and "pretrained" in cfg["model"]
+        self.model = build_model(cfg["model"], self.seq_len, torch.device("meta") if sharded_load else self.device)
         self.parallel = parallel_config(cfg, self.dist.world_size, self.model.config.num_experts, self.log)
         if self.batch_size % self.dist.world_size:
             raise ConfigError(f"global_train_batch_size ({self.batch_size}) must be a multiple of the world size "
@@ -222,6 +228,11 @@ class Trainer:
                 raise ConfigError(f"model.peft_config: LoRA in a {self.dist.world_size}-process run is not available "
                                   "yet; run LoRA fine-tuning in one process")
             parallelize(self.model, self.dist, self.parallel, self.device)
+            if sharded_load:
+                from dbrx.parallel.checkpoint import load_pretrained_sharded
+
+                self.model.to_empty(device=self.device)
+                load_pretrained_sharded(self.model, cfg["model"]["pretrained"])
             self.log(f"{self.dist.world_size} processes ({self.dist.backend}): {self.parallel.describe()}")
         self.finetuning = (cfg["train_loader"].get("name") or "text") == "finetuning"
         self.loader = self._build_finetuning_loader() if self.finetuning else self._build_loader()
