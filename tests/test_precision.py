@@ -111,3 +111,35 @@ def test_loading_chooses_the_faster_head_layout_and_logits_do_not_depend_on_it(t
     torch.testing.assert_close(logits[False], logits[True], rtol=1e-6, atol=1e-6)
     w = torch.randn(300, 24)
     assert perf.column_major_head_is_faster(w) in (True, False)  # measured on the real weight
+
+
+@pytest.mark.parametrize("fp32_faster", [True, False])
+def test_attention_under_amp_bf16_runs_in_the_dtype_measured_faster(monkeypatch, tmp_path, fp32_faster):
+    """The trainer asks perf which attention dtype is faster at its shape (measured, never assumed) and sets it;
+    fp32 attention under bf16 autocast gives the bf16 run's loss to bf16 precision."""
+    from dbrx.train.config import load_config
+    from dbrx.train.trainer import Trainer
+    from test_train import run_config, write_tokens
+
+    calls = []
+
+    def measured(*shape):
+        calls.append(shape)
+        return fp32_faster, 1.0, 2.0
+
+    monkeypatch.setattr(perf, "sdpa_upcast_is_faster", measured)
+    write_tokens(tmp_path / "data" / "train", 16, seed=1)
+    root = tmp_path
+    logs = []
+    trainer = Trainer(load_config(None, base=run_config(root, root / "run", save_folder=None, eval_loader=None,
+                                                        precision="amp_bf16")), log=logs.append)
+    attn = trainer.model.transformer.blocks[0].norm_attn_norm.attn
+    assert calls and attn.sdpa_dtype == (torch.float32 if fp32_faster else None)
+    assert any(f"attention under amp_bf16: {'fp32' if fp32_faster else 'bf16'}" in line for line in logs)
+    batch = trainer.loader.next_batch()
+    ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        ours = trainer.micro_batch_loss(ids, labels)[0].item()
+        trainer.model.set_attention_dtype(None if fp32_faster else torch.float32)
+        other = trainer.micro_batch_loss(ids, labels)[0].item()
+    assert abs(ours - other) <= 1e-2 * abs(ours)

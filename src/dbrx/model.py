@@ -87,6 +87,7 @@ class DbrxAttention(nn.Module):
         self.attn_pdrop = config.attn_config.attn_pdrop
         self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(self.d_model, self.d_model, bias=False)
+        self.sdpa_dtype: torch.dtype | None = None  # attention's compute dtype when set (see set_attention_dtype)
 
     def forward(self, x_BTD, cos_sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -104,10 +105,13 @@ class DbrxAttention(nn.Module):
         causal = mask is None and T > 1
         if causal and k_BGTd.shape[2] != T:  # chunked prefill without padding: causal with an offset
             mask, causal = causal_mask(None, start, T, x_BTD.device), False
+        dtype = q_BHTd.dtype
+        if self.sdpa_dtype is not None and self.sdpa_dtype != dtype:
+            q_BHTd, k_BGTd, v_BGTd = (t.to(self.sdpa_dtype) for t in (q_BHTd, k_BGTd, v_BGTd))
         o = F.scaled_dot_product_attention(
             q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=causal,
             dropout_p=self.attn_pdrop if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads,
-        )
+        ).to(dtype)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.d_model))
 
 
@@ -230,6 +234,12 @@ class DbrxForCausalLM(nn.Module):
         from dbrx.checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def set_attention_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run attention (SDPA) in `dtype`, casting q, k, v in and the output back; None: in the inputs' dtype.
+        The trainer sets fp32 under bf16 autocast on a CPU where it measures fp32 attention to be faster."""
+        for block in self.transformer.blocks:
+            block.norm_attn_norm.attn.sdpa_dtype = dtype
 
     def set_moe_impl(self, impl: str) -> None:
         """"grouped" (default: sorted tokens, one contiguous group per expert) or "reference" (plain loop)."""
