@@ -188,17 +188,25 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
         with atomic_path(path / name) as tmp:
             save_file({k: v.cpu() for k, v in shard.items()}, tmp, metadata={"format": "pt"})
     if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
-        }
-        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        write_index(path, {k: n for n, shard in zip(names, shards) for k in shard},
+                    sum(t.numel() * t.element_size() for t in state.values()))
     # Weights of an earlier save in another layout would shadow or confuse this one.
     for old in path.glob("model*.safetensors*"):
         if old.name not in names and not (len(shards) > 1 and old.name == INDEX_FILE):
             old.unlink()
 
-    config = model.config.replace(dtype=dtype_name(next(model.parameters()).dtype))
+    write_configs(path, model.config, next(model.parameters()).dtype)
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json of a sharded checkpoint: which file holds each tensor."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+
+
+def write_configs(path: Path, config: DbrxConfig, dtype: torch.dtype) -> None:
+    """config.json (naming the weights' dtype) and generation_config.json."""
+    config = config.replace(dtype=dtype_name(dtype))
     config.save_pretrained(path)
     atomic_write_text(path / "generation_config.json", json.dumps(generation_config(config), indent=2) + "\n")
 

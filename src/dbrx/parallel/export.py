@@ -5,14 +5,13 @@ whole model. Rank 0 adds the index, config.json and generation_config.json: the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from dbrx.checkpoint import INDEX_FILE, dtype_name, generation_config
-from dbrx.fileio import atomic_path, atomic_write_text
+from dbrx.checkpoint import write_configs, write_index
+from dbrx.fileio import atomic_path
 from dbrx.parallel.runtime import Dist
 
 
@@ -45,9 +44,6 @@ def export_from_shards(model: torch.nn.Module, dist: Dist, path: Path) -> None:
     dist.barrier()
     if not dist.is_main:
         return
-    index = {"metadata": {"total_size": sum(s.numel() * d.itemsize for s, d in shapes.values())},
-             "weight_map": {name: files[owner[name]] for name in state}}
-    atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    config = model.config.replace(dtype=dtype_name(next(iter(state.values())).dtype))
-    config.save_pretrained(path)
-    atomic_write_text(path / "generation_config.json", json.dumps(generation_config(config), indent=2) + "\n")
+    write_index(path, {name: files[owner[name]] for name in state},
+                sum(s.numel() * d.itemsize for s, d in shapes.values()))
+    write_configs(path, model.config, next(iter(state.values())).dtype)

@@ -55,10 +55,11 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64)
         return self.all_reduce(t).tolist()
 
-    def max_float(self, value: float) -> float:
+    def max_floats(self, *values: float) -> list[float]:
+        """Each value's maximum over ranks, in one collective."""
         if not self.enabled:
-            return value
-        return self.all_reduce(torch.tensor([value], dtype=torch.float64), op="max").item()
+            return list(values)
+        return self.all_reduce(torch.tensor(values, dtype=torch.float64), op="max").tolist()
 
     def broadcast_int(self, value: int) -> int:
         """Rank 0's value on every rank (a count a wall-clock budget fixed, say)."""

@@ -66,33 +66,42 @@ def training_layout(model: DbrxForCausalLM) -> DbrxForCausalLM:
     return model
 
 
-def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> DbrxForCausalLM:
-    """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`, either with an optional
-    `peft_config` (LoRA: only the adapters train)."""
+def model_config(model_cfg: dict) -> DbrxConfig:
+    """The model's config from `model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}` (its
+    config.json), before any weight exists."""
     model_cfg = dict(model_cfg)
     if isinstance(model_cfg.get("ffn_config"), dict) and "moe_world_size" in model_cfg["ffn_config"]:
         # LLM Foundry's expert-parallel degree: a parallelism setting (dbrx.parallel), not part of the model
         model_cfg["ffn_config"] = {k: v for k, v in model_cfg["ffn_config"].items() if k != "moe_world_size"}
     pretrained, preset = model_cfg.pop("pretrained", None), model_cfg.pop("preset", None)
-    peft = model_cfg.pop("peft_config", None)
+    model_cfg.pop("peft_config", None)
     model_cfg.pop("name", None)  # LLM Foundry names the model class here; there is only one
     if pretrained is not None:
         if model_cfg or preset:
             raise ConfigError("model.pretrained loads a checkpoint as it is; drop the other model keys "
                               f"({', '.join(sorted(model_cfg) + (['preset'] if preset else []))})")
         try:
-            if device.type == "meta":  # the shapes only: a sharded run reads the weights after sharding
-                model = DbrxForCausalLM(DbrxConfig.from_pretrained(pretrained))
-            else:
-                model = DbrxForCausalLM.from_pretrained(pretrained, dtype=torch.float32, device=device)
+            return DbrxConfig.from_pretrained(pretrained)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.pretrained: {e}") from None
+    try:
+        return (DbrxConfig.from_name(preset) if preset else DbrxConfig()).replace(**model_cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> DbrxForCausalLM:
+    """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`, either with an optional
+    `peft_config` (LoRA: only the adapters train). On the meta device, a pretrained model has its shapes only:
+    a sharded run reads the weights after sharding."""
+    config = model_config(model_cfg)
+    pretrained, peft = model_cfg.get("pretrained"), model_cfg.get("peft_config")
+    if pretrained is not None and device.type != "meta":
+        try:
+            model = DbrxForCausalLM.from_pretrained(pretrained, dtype=torch.float32, device=device)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise ConfigError(f"model.pretrained: {e}") from None
     else:
-        try:
-            base = DbrxConfig.from_name(preset) if preset else DbrxConfig()
-            config = base.replace(**model_cfg)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model: {e}") from None
         with torch.device(device):
             model = DbrxForCausalLM(config)
     if max_seq_len > model.config.max_seq_len:
@@ -214,12 +223,13 @@ class Trainer:
         self.amp = self.precision == "amp_bf16"
         self.save_folder = Path(cfg["save_folder"]) if cfg.get("save_folder") else None
 
-        self._refuse_what_cannot_fit(cfg)
+        config = model_config(cfg["model"])
+        self.parallel = parallel_config(cfg, self.dist.world_size, config.num_experts, self.log)
+        self._refuse_what_cannot_fit(config, lora=cfg["model"].get("peft_config") is not None)
         # A pretrained model in a sharded run is built on the meta device, sharded, and then each rank reads only
         # its own pieces of the checkpoint (no rank ever holds the whole model).
         sharded_load = self.dist.enabled and "pretrained" in cfg["model"]
         self.model = build_model(cfg["model"], self.seq_len, torch.device("meta") if sharded_load else self.device)
-        self.parallel = parallel_config(cfg, self.dist.world_size, self.model.config.num_experts, self.log)
         if self.batch_size % self.dist.world_size:
             raise ConfigError(f"global_train_batch_size ({self.batch_size}) must be a multiple of the world size "
                               f"({self.dist.world_size}): each rank takes an equal share of every batch")
@@ -301,22 +311,10 @@ class Trainer:
         self.log(f"attention under amp_bf16: {'fp32' if faster else 'bf16'} (forward + backward at this shape: "
                  f"fp32 {fp32_ms:.1f} ms, bf16 {bf16_ms:.1f} ms)")
 
-    def _refuse_what_cannot_fit(self, cfg: dict) -> None:
+    def _refuse_what_cannot_fit(self, config: DbrxConfig, lora: bool) -> None:
         """The memory plan (dbrx.parallel.plan) from the model's shape, before anything is allocated: a run that
         cannot fit on its device is refused with the plan's table."""
-        model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("name", "peft_config")}
-        try:
-            if "pretrained" in model_cfg:
-                config = DbrxConfig.from_pretrained(model_cfg["pretrained"])
-            else:
-                preset = model_cfg.pop("preset", None)
-                ffn = model_cfg.get("ffn_config")
-                if isinstance(ffn, dict):
-                    model_cfg["ffn_config"] = {k: v for k, v in ffn.items() if k != "moe_world_size"}
-                config = (DbrxConfig.from_name(preset) if preset else DbrxConfig()).replace(**model_cfg)
-        except (ValueError, TypeError, OSError, CheckpointError):
-            return  # build_model names the problem
-        pcfg = parallel_config(cfg, self.dist.world_size, config.num_experts, lambda *a: None)
+        pcfg = self.parallel
         if self.device.type == "cuda":
             device_bytes = torch.cuda.get_device_properties(self.device).total_memory
         else:
@@ -327,7 +325,7 @@ class Trainer:
         plan = memory_plan(config, self.dist.world_size, pcfg.ep, seq=self.seq_len, micro_batch=self.micro,
                            activation_checkpointing=pcfg.activation_checkpointing,
                            param_dtype=pcfg.param_dtype or torch.float32, device_bytes=device_bytes,
-                           frozen_base=cfg["model"].get("peft_config") is not None)
+                           frozen_base=lora)
         if not plan.fits:
             raise ConfigError(f"this run needs about {plan.total / 1e9:,.1f} GB per device and the device has "
                               f"{device_bytes / 1e9:,.1f} GB; nothing was allocated. The plan:\n{plan.table()}\n"
@@ -805,9 +803,9 @@ class Trainer:
     def _plan(self, step_s: float):
         reserve = 0.02 * self.budget_s + 1.0 + (self._export_s if self.save_folder and not self.save_every else 0.0)
         # Ranks time their own steps: all plan from the slowest figures, so that they fix the same count.
-        remaining = self.budget_s - self.dist.max_float(time.perf_counter() - self._t0) - self.dist.max_float(reserve)
-        step_s = self.dist.max_float(step_s)
-        self._eval_s, self._save_s = self.dist.max_float(self._eval_s), self.dist.max_float(self._save_s)
+        elapsed, reserve, step_s, self._eval_s, self._save_s = self.dist.max_floats(
+            time.perf_counter() - self._t0, reserve, step_s, self._eval_s, self._save_s)
+        remaining = self.budget_s - elapsed - reserve
 
         # Once the count is fixed, re-plans keep the intervals it gave: an interval that moved with every re-plan
         # would evaluate again a few steps after it had (step % interval hits twice).
