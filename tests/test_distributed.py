@@ -39,11 +39,15 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     {"fsdp_config": {"sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True}},
     {"parallelism": {"expert_parallel_degree": 2}},
     {"parallelism": {"expert_parallel_degree": 2}, "pretrained": True},
-], ids=["fsdp2", "shard-grad-op+checkpointing", "ep2+fsdp2", "ep2+fsdp2-from-a-bf16-checkpoint"])
+    {"parallelism": {"expert_parallel_degree": 2}, "pretrained": True, "lora": True},
+], ids=["fsdp2", "shard-grad-op+checkpointing", "ep2+fsdp2", "ep2+fsdp2-from-a-bf16-checkpoint",
+        "lora-ep2+fsdp2-from-a-bf16-checkpoint"])
 def test_fsdp2_and_ep_match_one_process_and_the_per_rank_balance_would_not(data, tmp_path, layout):
-    clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 0.5}}  # active: norms are ~1-2
-    common = dict(save_folder=None, eval_loader=None, algorithms=clip, max_duration="8ba")
     layout = dict(layout)
+    lora = layout.pop("lora", False)
+    threshold = 0.02 if lora else 0.5  # active: the norms are ~1-2 (the adapters' alone, ~0.07)
+    clip = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": threshold}}
+    common = dict(save_folder=None, eval_loader=None, algorithms=clip, max_duration="8ba")
     if layout.pop("pretrained", False):  # a bf16 checkpoint that each rank reads its own pieces of
         import torch
 
@@ -55,11 +59,16 @@ def test_fsdp2_and_ep_match_one_process_and_the_per_rank_balance_would_not(data,
         model = DbrxForCausalLM(DbrxConfig.from_name("dbrx-tiny").replace(**spec)).to(torch.bfloat16)
         model.save_pretrained(tmp_path / "ckpt")
         common["model"] = {"pretrained": str(tmp_path / "ckpt")}
+        if lora:  # adapters on attention and on the experts (split by expert over EP), the base frozen
+            common["model"]["peft_config"] = {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                              "target_modules": ["Wqkv", "out_proj", "experts"]}
+            common["optimizer"] = {"name": "decoupled_adamw", "lr": 1e-2}  # adapters move visibly in 8 steps
     ref = write_yaml(tmp_path / "ref.yaml", run_config(data, tmp_path, device_train_microbatch_size=8, **common))
     par = write_yaml(tmp_path / "par.yaml", run_config(data, tmp_path, device_train_microbatch_size=4,
                                                        **layout, **common))
     out = tmp_path / "out.json"
-    done = torchrun("tests/distributed_worker.py", str(ref), str(par), str(out), "8")
+    export = [str(tmp_path / "export")] if lora else []
+    done = torchrun("tests/distributed_worker.py", str(ref), str(par), str(out), "8", *export)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -70,11 +79,28 @@ def test_fsdp2_and_ep_match_one_process_and_the_per_rank_balance_would_not(data,
         assert abs(row["loss"][0] - row["loss"][1]) < 1e-5
         assert abs(row["lb"][0] - row["lb"][1]) < 1e-5
         assert abs(row["norm"][0] - row["norm"][1]) <= 1e-6 * row["norm"][0]
-        assert row["norm"][0] > 0.5  # clipping was active, with the global norm
+        assert row["norm"][0] > threshold  # clipping was active, with the global norm
     assert rows[0]["grad_rel"] < 1e-6
     assert result["weight_rel"] < 1e-4  # Adam divides by sqrt(v): rounding-level gradient differences grow a little
     # Negative control: balancing each rank's own tokens gives another loss.
     assert max(abs(r["per_rank_lb"] - r["lb"][0]) for r in rows) > 1e-4
+    if lora:  # the export from shards (merged weights, and the adapters) equals one process's of the same weights
+        import torch
+        from safetensors.torch import load_file
+
+        from dbrx import DbrxForCausalLM
+
+        par_dir, ref_dir = tmp_path / "export" / "par", tmp_path / "export" / "ref"
+        merged = DbrxForCausalLM.from_pretrained(par_dir / "hf").state_dict()
+        for name, t in DbrxForCausalLM.from_pretrained(ref_dir / "hf").state_dict().items():
+            assert torch.equal(t, merged[name]), name
+        base = load_file(tmp_path / "ckpt" / "model.safetensors")
+        assert not torch.equal(merged["transformer.blocks.0.ffn.experts.mlp.w1"],
+                               base["transformer.blocks.0.ffn.experts.mlp.w1"])  # the experts' adapters trained
+        adapters = load_file(par_dir / "adapter" / "adapter_model.safetensors")
+        assert adapters.keys() == load_file(ref_dir / "adapter" / "adapter_model.safetensors").keys()
+        for name, t in load_file(ref_dir / "adapter" / "adapter_model.safetensors").items():
+            assert torch.equal(t, adapters[name]), name
 
 
 def test_dbrx_train_nproc_2_runs_a_yaml(data, tmp_path):
@@ -169,6 +195,39 @@ def test_sharded_checkpoints_resume_at_another_layout_and_export_from_shards(dat
     _train(config("whole", 4), 2)
     resumed = _losses(one)
     assert all(abs(resumed[s] - whole[s]) < 1e-5 for s in range(5, 9)), (resumed, whole)
+
+
+def test_a_lora_run_on_two_processes_resumes_in_one(data, tmp_path):
+    """LoRA with expert parallelism from a pretrained checkpoint: the DCP checkpoint (adapters and their AdamW
+    state; the frozen base) resumes in one process, and its later losses equal the uninterrupted sharded run's."""
+    import shutil
+
+    import torch
+
+    from dbrx import DbrxForCausalLM
+    from tests.test_train import TINY_MODEL
+
+    torch.manual_seed(5)
+    spec = {k: v for k, v in TINY_MODEL.items() if k != "preset"}
+    DbrxForCausalLM(DbrxConfig.from_name("dbrx-tiny").replace(**spec)).save_pretrained(tmp_path / "ckpt")
+    model = {"pretrained": str(tmp_path / "ckpt"),
+             "peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["Wqkv", "experts"]}}
+
+    def config(micro: int, **extra) -> Path:
+        cfg = run_config(data, tmp_path / "run", model=model, device_train_microbatch_size=micro, eval_loader=None,
+                         save_interval="4ba", max_duration="8ba", autoresume=True,
+                         optimizer={"name": "decoupled_adamw", "lr": 1e-2}, **extra)
+        return write_yaml(tmp_path / f"lora{micro}.yaml", cfg)
+
+    _train(config(4, parallelism={"expert_parallel_degree": 2}), 2)
+    run = tmp_path / "run"
+    uninterrupted = _losses(run)
+    assert (run / "checkpoints" / "ba00000004" / ".metadata").exists() and (run / "adapter").exists()
+    shutil.rmtree(run / "checkpoints" / "ba00000008")
+    _train(config(8), 1)
+    resumed = _losses(run)
+    assert resumed[8] != resumed[1] and all(abs(resumed[s] - uninterrupted[s]) < 1e-5 for s in range(5, 9)), \
+        (resumed, uninterrupted)
 
 
 def test_the_memory_plan_matches_the_published_layouts_and_refuses_a_run_that_cannot_fit(data, tmp_path, capsys):

@@ -104,8 +104,9 @@ def checkpoint_dtype(header: dict) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else None
 
 
-def check_against(model: torch.nn.Module, header: dict, path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def check_against(state: dict[str, torch.Tensor], header: dict, path: Path) -> None:
+    """The checkpoint's tensors (`header`, from read_header) are exactly `state`'s names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     missing = [k for k in expected if k not in header]
     unexpected = [k for k in header if k not in expected]
     problems = []
@@ -132,7 +133,7 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
     dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or torch.float32
     with torch.device("meta"):
         model = cls(config)
-    check_against(model, header, path)
+    check_against(model.state_dict(), header, path)
 
     device = str(device)
     state = {}

@@ -147,35 +147,34 @@ class LoraConfig:
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------
-def _kaiming_uniform_(t: torch.Tensor, fan_in: int) -> None:
+def _kaiming_uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator | None = None) -> None:
     """kaiming_uniform_(a=sqrt(5)) as nn.Linear and peft initialise A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The fan
-    is given because torch would infer r*D for a stacked [E, r, D] tensor."""
+    is given because torch would infer r*D for a stacked [E, r, D] tensor. A meta tensor (a sharded run builds
+    the model there first) is left alone: initial_adapter_state gives its values later."""
+    if t.device.type == "meta":
+        return
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
-        t.uniform_(-bound, bound)
+        t.uniform_(-bound, bound, generator=generator)
 
 
 class LoraLinear(nn.Module):
     """A frozen nn.Linear (`base`) plus a trainable low-rank update: y = base(x) + dropout(x) @ A.T @ B.T * s."""
 
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))
-        _kaiming_uniform_(self.lora_A, base.in_features)
+        _kaiming_uniform_(self.lora_A, base.in_features, generator)
         self.scaling = lora_alpha / r
         self.lora_dropout = lora_dropout
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         h_Tr = F.linear(F.dropout(x_TD, self.lora_dropout, self.training), self.lora_A)
         return self.base(x_TD) + F.linear(h_Tr, self.lora_B) * self.scaling
-
-    def delta(self) -> torch.Tensor:
-        """s * B @ A [O, D], in fp32 at least (the precision a merge is computed in)."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     def extra_repr(self) -> str:
         return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}"
@@ -190,22 +189,19 @@ class ExpertLora(nn.Module):
     [F, D] matrices per step: one bmm costing E*F*D*r multiply-adds per matrix, small beside the expert
     products of a training step (ratio E*r / (tokens*top_k)), but per-token decoding should use a merged model."""
 
-    def __init__(self, mlp: DbrxExpertGLU, r: int, lora_alpha: float):
+    def __init__(self, mlp: DbrxExpertGLU, r: int, lora_alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         E, F_, D = mlp.num_experts, mlp.ffn_hidden_size, mlp.d_model
         like = {"dtype": mlp.w1.dtype, "device": mlp.w1.device}
         self.lora_A = nn.ParameterDict({m: nn.Parameter(torch.empty(E, r, D, **like)) for m in EXPERT_MATRICES})
         self.lora_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(E, F_, r, **like)) for m in EXPERT_MATRICES})
-        for A_ErD in self.lora_A.values():
-            _kaiming_uniform_(A_ErD, D)
+        for m in EXPERT_MATRICES:  # in adapter_parameters() order (a ParameterDict lists its keys sorted)
+            _kaiming_uniform_(self.lora_A[m], D, generator)
         self.scaling = lora_alpha / r
 
-    def delta(self, m: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """s * B @ A per expert, [E, F, D] (in `dtype` when given; under autocast, the autocast dtype)."""
-        A_ErD, B_EFr = self.lora_A[m], self.lora_B[m]
-        if dtype is not None:
-            A_ErD, B_EFr = A_ErD.to(dtype), B_EFr.to(dtype)
-        return torch.bmm(B_EFr, A_ErD) * self.scaling
+    def delta(self, m: str) -> torch.Tensor:
+        """s * B @ A per expert, [E, F, D] (under autocast, in the autocast dtype)."""
+        return torch.bmm(self.lora_B[m], self.lora_A[m]) * self.scaling
 
     def forward(self, weights_EFD: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
         return tuple((w_EFD + self.delta(m)).unbind(0) for m, w_EFD in zip(EXPERT_MATRICES, weights_EFD))
@@ -230,9 +226,11 @@ def has_lora(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None) -> nn.Module:
     """Freeze every base parameter and attach trainable adapters where cfg.target_modules says (in place; the
-    model is returned for chaining). Adapters take the dtype and device of the weights they adapt."""
+    model is returned for chaining). Adapters take the dtype and device of the weights they adapt. A's initial
+    values come from `generator` (a CPU generator; torch's global one by default), drawn in
+    adapter_parameters() order."""
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge_lora() it before applying new ones")
     for p in model.parameters():
@@ -240,11 +238,64 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for _, attn in _attentions(model):
         for name in ATTENTION_TARGETS:
             if name in cfg.target_modules:
-                setattr(attn, name, LoraLinear(getattr(attn, name), cfg.r, cfg.lora_alpha, cfg.lora_dropout))
+                setattr(attn, name, LoraLinear(getattr(attn, name), cfg.r, cfg.lora_alpha, cfg.lora_dropout,
+                                               generator))
     if "experts" in cfg.target_modules:
         for _, mlp in _expert_mlps(model):
-            mlp.lora = ExpertLora(mlp, cfg.r, cfg.lora_alpha)
+            mlp.lora = ExpertLora(mlp, cfg.r, cfg.lora_alpha, generator)
     return model
+
+
+def initial_adapter_state(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The values apply_lora(model, cfg, generator) gives the adapters, as full CPU tensors under the model's
+    state_dict names, computed without touching the model: for a model whose adapters were made on the meta
+    device and then sharded, each rank loads its pieces of these (the same values at any world size)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for peft_name, p in adapter_parameters(model).items():
+        value = torch.zeros(p.shape, dtype=p.dtype)
+        if ".lora_A" in peft_name:
+            _kaiming_uniform_(value, p.shape[-1], generator)
+        out[names[id(p)]] = value
+    return out
+
+
+def merged_weight(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """w + s * B @ A, formed in fp32 (or w's dtype if wider) and rounded once to w's dtype. A linear's [O, D]
+    weight with A [r, D], B [O, r]; or a fused expert tensor [E*F, D] with A [E, r, D], B [E, F, r]."""
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    delta = (torch.bmm(B, A) if A.ndim == 3 else B @ A) * scaling
+    return (w.to(dtype).view(delta.shape) + delta).view_as(w).to(w.dtype)
+
+
+def merge_sources(model: nn.Module) -> dict[str, tuple[str, str, str, float]]:
+    """For each adapted weight, by its plain (transformers') name: the state_dict names of its base weight, A
+    and B, and the scaling. merge_lora's result without merging in place: a sharded export gathers these and
+    calls merged_weight one tensor at a time."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for path, attn in _attentions(model):
+        for name in ATTENTION_TARGETS:
+            lora = getattr(attn, name)
+            if isinstance(lora, LoraLinear):
+                out[f"{path}.{name}.weight"] = (names[id(lora.base.weight)], names[id(lora.lora_A)],
+                                                names[id(lora.lora_B)], lora.scaling)
+    for path, mlp in _expert_mlps(model):
+        if mlp.lora is not None:
+            for m in EXPERT_MATRICES:
+                out[f"{path}.{m}"] = (names[id(getattr(mlp, m))], names[id(mlp.lora.lora_A[m])],
+                                      names[id(mlp.lora.lora_B[m])], mlp.lora.scaling)
+    return out
+
+
+def plain_names(model: nn.Module) -> dict[str, str]:
+    """state_dict name -> transformers' name for every base weight (adapters left out): what a checkpoint of the
+    model without adapters calls each tensor."""
+    renamed = {base: plain for plain, (base, _, _, _) in merge_sources(model).items()}
+    ids = {id(p) for p in adapter_parameters(model).values()}
+    adapters = {n for n, p in model.named_parameters() if id(p) in ids}
+    return {n: renamed.get(n, n) for n in model.state_dict() if n not in adapters}
 
 
 @torch.no_grad()
@@ -256,17 +307,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name in ATTENTION_TARGETS:
             lora = getattr(attn, name)
             if isinstance(lora, LoraLinear):
-                w_OD, delta_OD = lora.base.weight, lora.delta()
-                w_OD.copy_((w_OD.to(delta_OD.dtype) + delta_OD).to(w_OD.dtype))
+                w_OD = lora.base.weight
+                w_OD.copy_(merged_weight(w_OD, lora.lora_A, lora.lora_B, lora.scaling))
                 setattr(attn, name, lora.base)
     for _, mlp in _expert_mlps(model):
         if mlp.lora is None:
             continue
-        shape = (mlp.num_experts, mlp.ffn_hidden_size, mlp.d_model)
         for m in EXPERT_MATRICES:
             w = getattr(mlp, m)
-            dtype = torch.promote_types(w.dtype, torch.float32)
-            w.copy_((w.view(shape).to(dtype) + mlp.lora.delta(m, dtype)).view_as(w).to(w.dtype))
+            w.copy_(merged_weight(w, mlp.lora.lora_A[m], mlp.lora.lora_B[m], mlp.lora.scaling))
         del mlp.lora  # out of _modules, then a plain None attribute: the no-adapter path is as before
         mlp.lora = None
     return model
@@ -291,7 +340,7 @@ def adapter_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int, ..
     return out
 
 
-def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """peft name -> the live adapter parameter, in the order adapter_shapes() lists them."""
     out = {}
     for path, attn in _attentions(model):
@@ -310,13 +359,15 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only (detached, sharing storage), under peft's names."""
-    return {name: p.detach() for name, p in _adapter_parameters(model).items()}
+    return {name: p.detach() for name, p in adapter_parameters(model).items()}
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, directory: str | Path,
-                 base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_model.safetensors and adapter_config.json (each under a temporary name, then renamed)."""
-    tensors = lora_state_dict(model)
+                 base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter_model.safetensors and adapter_config.json (each under a temporary name, then renamed).
+    `tensors`: the adapters under peft's names, when the model's own are shards (gathered by the caller)."""
+    tensors = lora_state_dict(model) if tensors is None else tensors
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save (apply_lora or load_adapter first)")
     expected = adapter_shapes(model, cfg)
@@ -383,6 +434,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraConfig:
 
     apply_lora(model, cfg)
     with torch.no_grad():
-        for name, p in _adapter_parameters(model).items():
+        for name, p in adapter_parameters(model).items():
             p.copy_(tensors[name])
     return cfg

@@ -211,17 +211,36 @@ class DbrxForCausalLM(nn.Module):
 
     # ---- construction ---------------------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for the norms (as transformers initialises)."""
-        gen = None
-        if seed is not None and self.lm_head.weight.device.type != "meta":
-            gen = torch.Generator(self.lm_head.weight.device).manual_seed(seed)
-        std = self.config.initializer_range
+        """Normal(0, initializer_range) for every matrix, ones for the norms (as transformers initialises). Without
+        a seed, in place from torch's global generator; with one, from initial_values(seed): the same values on
+        any device, and in a sharded run at any world size."""
+        if seed is None:
+            with torch.no_grad():
+                for p in self.parameters():
+                    self._init_tensor(p)
+            return
+        params = dict(self.named_parameters())
         with torch.no_grad():
-            for p in self.parameters():
-                if p.ndim == 1:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=gen)
+            for name, value in self.initial_values(seed):
+                params[name].copy_(value)
+
+    def initial_values(self, seed: int, names: list[str] | None = None):
+        """(name, initial value) for each parameter (or those in `names`), drawn one at a time on the host from a
+        CPU generator seeded with `seed`, in named_parameters() order. A sharded run keeps each rank's pieces of
+        these (dbrx.parallel.init), so no rank holds the whole model."""
+        generator = torch.Generator().manual_seed(seed)
+        params = dict(self.named_parameters())
+        for name in params if names is None else names:
+            p = params[name]
+            value = torch.empty(p.shape, dtype=p.dtype)
+            self._init_tensor(value, generator)
+            yield name, value
+
+    def _init_tensor(self, t: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        if t.ndim == 1:
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, self.config.initializer_range, generator=generator)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,

@@ -55,14 +55,20 @@ def load_single_process(model: torch.nn.Module, optimizer: torch.optim.Optimizer
                    options=StateDictOptions(full_state_dict=True))
 
 
-def load_pretrained_sharded(model: torch.nn.Module, path: str | Path) -> None:
+def load_pretrained_sharded(model: torch.nn.Module, path: str | Path, seed: int = 0) -> None:
     """A Hugging Face-format checkpoint (safetensors, single file or shards + index) into a sharded model whose
     parameters are already on their devices (uninitialised): DCP's Hugging Face reader gives each rank just its own
-    pieces, converted to the parameters' dtype. Tensor names and shapes are checked first, naming the tensor."""
+    pieces, converted to the parameters' dtype. Tensor names and shapes are checked first, naming the tensor.
+    LoRA adapters, if the model has them, take their initial values from `seed` (as build_model gives them in one
+    process); their base weights are read under transformers' names."""
     from dbrx.checkpoint import check_against, read_header
+    from dbrx.lora import plain_names
+    from dbrx.parallel.init import init_adapters_sharded
 
-    check_against(model, read_header(Path(path)), Path(path))  # names a missing, unexpected or misshapen tensor
     state = model.state_dict()
+    plain = {name: state[key] for key, name in plain_names(model).items()}  # the same tensors, checkpoint names
+    check_against(plain, read_header(Path(path)), Path(path))  # names a missing, unexpected or misshapen tensor
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+        dcp.load(plain, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+    init_adapters_sharded(model, seed)

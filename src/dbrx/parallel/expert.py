@@ -57,6 +57,10 @@ def _ep_forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: 
         dtype = torch.get_autocast_dtype(device)
         w1, v1, w2 = (w.to(dtype) for w in (w1, v1, w2))
     w1, v1, w2 = (w.view(per, F_, D) for w in (w1, v1, w2))
+    if mlp.lora is not None:  # LoRA on the experts: this rank's experts' deltas, as ExpertLora.delta forms them
+        lora = mlp.lora
+        w1, v1, w2 = (w + torch.bmm(_local(lora.lora_B[m]), _local(lora.lora_A[m])) * lora.scaling
+                      for w, m in zip((w1, v1, w2), ("w1", "v1", "w2")))
     outs = [mlp.glu(x_nD, w1[j], v1[j], w2[j]) for j, x_nD in enumerate(x_local.split(sizes)) if sizes[j] > 0]
     y_local = torch.cat(outs) if outs else x_local.new_zeros(0, D) + 0 * (w1.sum() + v1.sum() + w2.sum())
     y_recv = y_local.index_select(0, order_R.argsort())
@@ -74,11 +78,13 @@ def apply_expert_parallel(model: DbrxForCausalLM, ep_mesh: DeviceMesh) -> None:
     for block in model.transformer.blocks:
         experts = block.ffn.experts
         mlp = experts.mlp
+        # the fused experts and, with LoRA on them, their adapters ([E, r, D] and [E, F, r]): split by expert
+        owners = [(mlp, name) for name in ("w1", "v1", "w2")]
         if mlp.lora is not None:
-            raise ValueError("expert parallelism with LoRA adapters on the experts is not offered")
-        for name in ("w1", "v1", "w2"):
-            full = getattr(mlp, name)
-            setattr(mlp, name, nn.Parameter(distribute_tensor(full.detach(), ep_mesh, [Shard(0)]),
-                                            requires_grad=full.requires_grad))
+            owners += [(d, m) for d in (mlp.lora.lora_A, mlp.lora.lora_B) for m in ("w1", "v1", "w2")]
+        for owner, name in owners:  # (a ParameterDict's entries are its attributes too)
+            full = getattr(owner, name)
+            setattr(owner, name, nn.Parameter(distribute_tensor(full.detach(), ep_mesh, [Shard(0)]),
+                                              requires_grad=full.requires_grad))
         experts.ep_group = group
         experts.forward = types.MethodType(_ep_forward, experts)

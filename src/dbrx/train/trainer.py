@@ -90,10 +90,11 @@ def model_config(model_cfg: dict) -> DbrxConfig:
         raise ConfigError(f"model: {e}") from None
 
 
-def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> DbrxForCausalLM:
+def build_model(model_cfg: dict, max_seq_len: int, device: torch.device, seed: int = 0) -> DbrxForCausalLM:
     """`model: {preset: NAME, <config fields>...}` or `model: {pretrained: DIR}`, either with an optional
-    `peft_config` (LoRA: only the adapters train). On the meta device, a pretrained model has its shapes only:
-    a sharded run reads the weights after sharding."""
+    `peft_config` (LoRA: only the adapters train; their initial values come from `seed`, so that every world size
+    starts from the same ones). On the meta device the model has its shapes only: a sharded run reads or draws the
+    weights after sharding (dbrx.parallel.checkpoint.load_pretrained_sharded, dbrx.parallel.init.init_sharded)."""
     config = model_config(model_cfg)
     pretrained, peft = model_cfg.get("pretrained"), model_cfg.get("peft_config")
     if pretrained is not None and device.type != "meta":
@@ -101,9 +102,12 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
             model = DbrxForCausalLM.from_pretrained(pretrained, dtype=torch.float32, device=device)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise ConfigError(f"model.pretrained: {e}") from None
-    else:
-        with torch.device(device):
+    else:  # built without drawing, then initialised from the seed (a sharded run draws the same values)
+        with torch.device("meta"):
             model = DbrxForCausalLM(config)
+        if device.type != "meta":
+            model.to_empty(device=device)
+            model.init_weights(seed=seed)
     if max_seq_len > model.config.max_seq_len:
         raise ConfigError(f"max_seq_len ({max_seq_len}) exceeds the model's max_seq_len "
                           f"({model.config.max_seq_len}); set model.max_seq_len")
@@ -112,7 +116,7 @@ def build_model(model_cfg: dict, max_seq_len: int, device: torch.device) -> Dbrx
         from dbrx.lora import LoraConfig, apply_lora
 
         try:
-            apply_lora(model, LoraConfig.from_dict(peft, "model.peft_config"))
+            apply_lora(model, LoraConfig.from_dict(peft, "model.peft_config"), torch.Generator().manual_seed(seed))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return model.train()
@@ -226,23 +230,25 @@ class Trainer:
         config = model_config(cfg["model"])
         self.parallel = parallel_config(cfg, self.dist.world_size, config.num_experts, self.log)
         self._refuse_what_cannot_fit(config, lora=cfg["model"].get("peft_config") is not None)
-        # A pretrained model in a sharded run is built on the meta device, sharded, and then each rank reads only
-        # its own pieces of the checkpoint (no rank ever holds the whole model).
-        sharded_load = self.dist.enabled and "pretrained" in cfg["model"]
-        self.model = build_model(cfg["model"], self.seq_len, torch.device("meta") if sharded_load else self.device)
+        # A sharded run builds the model on the meta device and shards it; then each rank reads only its own pieces
+        # of a pretrained checkpoint, or draws a preset's initial weights one parameter at a time and keeps its
+        # pieces (no rank ever holds the whole model). Either way, the weights a one-process run starts from.
+        self.model = build_model(cfg["model"], self.seq_len, torch.device("meta") if self.dist.enabled else self.device,
+                                 seed=cfg["seed"])
         if self.batch_size % self.dist.world_size:
             raise ConfigError(f"global_train_batch_size ({self.batch_size}) must be a multiple of the world size "
                               f"({self.dist.world_size}): each rank takes an equal share of every batch")
         if self.dist.enabled:
-            if (cfg["model"] or {}).get("peft_config") is not None:
-                raise ConfigError(f"model.peft_config: LoRA in a {self.dist.world_size}-process run is not available "
-                                  "yet; run LoRA fine-tuning in one process")
             parallelize(self.model, self.dist, self.parallel, self.device)
-            if sharded_load:
+            self.model.to_empty(device=self.device)
+            if "pretrained" in cfg["model"]:
                 from dbrx.parallel.checkpoint import load_pretrained_sharded
 
-                self.model.to_empty(device=self.device)
-                load_pretrained_sharded(self.model, cfg["model"]["pretrained"])
+                load_pretrained_sharded(self.model, cfg["model"]["pretrained"], seed=cfg["seed"])
+            else:
+                from dbrx.parallel.init import init_sharded
+
+                init_sharded(self.model, seed=cfg["seed"])
             self.log(f"{self.dist.world_size} processes ({self.dist.backend}): {self.parallel.describe()}")
         self._choose_attention_dtype()
         self.finetuning = (cfg["train_loader"].get("name") or "text") == "finetuning"
@@ -681,12 +687,16 @@ class Trainer:
         """The newest model in Hugging Face format at SAVE_FOLDER/hf (swapped in whole when complete)."""
         from dbrx.tokenizer import Tokenizer
 
-        from dbrx.lora import has_lora, merge_lora, save_adapter
+        from dbrx.lora import adapter_parameters, has_lora, merge_lora
 
         final, tmp = self.save_folder / "hf", self.save_folder / ".hf.tmp"
         if self.dist.enabled:  # written from the shards, each rank its share of the tensors
-            from dbrx.parallel.export import export_from_shards
+            from dbrx.parallel.export import export_from_shards, gathered
 
+            if has_lora(self.model):  # the adapters are small: gathered whole, written by rank 0
+                tensors = {name: gathered(p) for name, p in adapter_parameters(self.model).items()}
+                if self.dist.is_main:
+                    self._save_adapter(self.model, tensors)
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
@@ -700,14 +710,17 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.model
         if has_lora(model):  # the adapters alone (peft's layout) beside a merged plain checkpoint
-            from dbrx.lora import LoraConfig
-
-            peft = LoraConfig.from_dict(self.cfg["model"]["peft_config"])
-            save_adapter(model, peft, self.save_folder / "adapter", self.cfg["model"].get("pretrained"))
+            self._save_adapter(model)
             model = merge_lora(copy.deepcopy(model))
         model.save_pretrained(tmp)
         Tokenizer().save_pretrained(tmp)
         self._swap_in(tmp, final)
+
+    def _save_adapter(self, model: torch.nn.Module, tensors: dict | None = None) -> None:
+        from dbrx.lora import LoraConfig, save_adapter
+
+        peft = LoraConfig.from_dict(self.cfg["model"]["peft_config"])
+        save_adapter(model, peft, self.save_folder / "adapter", self.cfg["model"].get("pretrained"), tensors)
 
     def _swap_in(self, tmp: Path, final: Path) -> None:
         old = self.save_folder / ".hf.old"
