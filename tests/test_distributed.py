@@ -197,26 +197,32 @@ def test_sharded_checkpoints_resume_at_another_layout_and_export_from_shards(dat
     assert all(abs(resumed[s] - whole[s]) < 1e-5 for s in range(5, 9)), (resumed, whole)
 
 
-def test_a_lora_run_on_two_processes_resumes_in_one(data, tmp_path):
-    """LoRA with expert parallelism from a pretrained checkpoint: the DCP checkpoint (adapters and their AdamW
-    state; the frozen base) resumes in one process, and its later losses equal the uninterrupted sharded run's."""
+def test_lora_fine_tuning_on_two_processes_resumes_in_one(data, tmp_path):
+    """LoRA fine-tuning (LLM Foundry's finetuning loader on JSONL prompt/response rows) with expert parallelism
+    from a pretrained checkpoint: the DCP checkpoint (adapters and their AdamW state; the frozen base) resumes in one
+    process, and its later losses equal the uninterrupted sharded run's."""
     import shutil
 
     import torch
 
     from dbrx import DbrxForCausalLM
-    from tests.test_train import TINY_MODEL
 
     torch.manual_seed(5)
-    spec = {k: v for k, v in TINY_MODEL.items() if k != "preset"}
-    DbrxForCausalLM(DbrxConfig.from_name("dbrx-tiny").replace(**spec)).save_pretrained(tmp_path / "ckpt")
+    DbrxForCausalLM(DbrxConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=100352,
+                               attn_config={"kv_n_heads": 1}, ffn_config={"ffn_hidden_size": 16})
+                    ).save_pretrained(tmp_path / "ckpt")
+    rows = [{"prompt": f"What is {a} plus {b}? ", "response": f"{a} plus {b} is {a + b}."}
+            for a in range(8) for b in range(8)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = {"pretrained": str(tmp_path / "ckpt"),
              "peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["Wqkv", "experts"]}}
+    loader = {"name": "finetuning", "dataset": {"hf_name": "json", "split": "train", "shuffle": True,
+                                                "hf_kwargs": {"data_files": {"train": str(tmp_path / "sft.jsonl")}}}}
 
     def config(micro: int, **extra) -> Path:
-        cfg = run_config(data, tmp_path / "run", model=model, device_train_microbatch_size=micro, eval_loader=None,
-                         save_interval="4ba", max_duration="8ba", autoresume=True,
-                         optimizer={"name": "decoupled_adamw", "lr": 1e-2}, **extra)
+        cfg = run_config(data, tmp_path / "run", model=model, train_loader=loader, eval_loader=None,
+                         device_train_microbatch_size=micro, save_interval="4ba", max_duration="8ba", autoresume=True,
+                         max_seq_len=32, optimizer={"name": "decoupled_adamw", "lr": 1e-2}, **extra)
         return write_yaml(tmp_path / f"lora{micro}.yaml", cfg)
 
     _train(config(4, parallelism={"expert_parallel_degree": 2}), 2)
