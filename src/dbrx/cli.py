@@ -253,6 +253,32 @@ def cmd_convert_finetuning(args) -> None:
             args.max_seq_len, args.compression, args.overwrite)
 
 
+def cmd_eval(args) -> None:
+    """Foundry's eval YAML on one checkpoint: results.json (Foundry's metric names) and examples.jsonl in --out."""
+    import yaml
+
+    from dbrx.eval import check_tasks, evaluate
+    from dbrx.tokenizer import Tokenizer
+    from dbrx.train.config import apply_override
+
+    if not args.config.exists():
+        raise UserError(f"{args.config}: no such file")
+    cfg = yaml.safe_load(args.config.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise UserError(f"{args.config}: expected a YAML mapping")
+    for override in args.overrides:
+        apply_override(cfg, override)
+    model_dir = args.model or (cfg.get("model") or {}).get("pretrained")
+    if model_dir is None:
+        raise UserError("no model: give --model DIR or model.pretrained in the YAML")
+    args.model = Path(model_dir)
+    check_tasks(cfg, args.config.parent)  # a mistake in the YAML or a missing file, before the model loads
+    model = _load_model(args)
+    evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent)
+    if args.out is not None:
+        print(f"results: {args.out / 'results.json'}, per example: {args.out / 'examples.jsonl'}")
+
+
 def cmd_train(args) -> None:
     import subprocess
 
@@ -453,6 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start N processes on this host through torchrun (the same as `torchrun --standalone "
                         "--nproc_per_node N -m dbrx train ...`)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate with LLM Foundry's icl_tasks and Eval Gauntlet YAML",
+                       description="Score a checkpoint on CONFIG.yaml's icl_tasks (Foundry's keys and JSONL rows) "
+                                   "and its eval_gauntlet; any key can be overridden as dotted.key=value, e.g. "
+                                   "dataset_root=../shared/foundry_eval for Foundry's relative dataset_uris.")
+    p.add_argument("config", type=Path, help="the eval YAML")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value pairs, e.g. icl_subset_num_batches=2")
+    p.add_argument("--model", type=Path, default=None, help="a Hugging Face-format DBRX checkpoint directory "
+                                                             "(default: model.pretrained in the YAML)")
+    p.add_argument("--out", type=Path, default=None, help="write results.json and examples.jsonl here")
+    p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="memory per device of a sharded training run (FSDP2, expert parallel)",
                        description="Parameters, gradients, optimizer state, gathered weights and activations per "

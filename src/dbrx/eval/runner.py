@@ -1,0 +1,165 @@
+"""`dbrx eval`: LLM Foundry's eval YAML (icl_tasks, eval_gauntlet, max_seq_len, device_eval_batch_size,
+icl_subset_num_batches, ...) run on one model; results under Foundry's metric names."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from dbrx.eval.gauntlet import gauntlet_scores
+from dbrx.eval.scoring import score_pairs
+from dbrx.eval.tasks import (METRIC, REQUIRED_FIELDS, SCORED_TYPES, EvalError, Example, TaskSpec, build_examples,
+                             parse_task, read_rows, resolve_uri)
+from dbrx.fileio import atomic_path, atomic_write_text
+
+# Foundry's top-level eval keys (llmfoundry EvalConfig); `dataset_root` is ours: where relative dataset_uris live.
+TOP_KEYS = ("icl_tasks", "eval_gauntlet", "max_seq_len", "device_eval_batch_size", "icl_subset_num_batches", "seed",
+            "precision", "model", "models", "tokenizer", "load_path", "model_name", "dataset_root", "run_name",
+            "loggers", "callbacks", "fsdp_config", "metadata", "python_log_level", "console_log_interval",
+            "log_config", "dist_timeout", "code_paths", "variables", "eval_loader", "eval_loaders",
+            "eval_subset_num_batches")
+
+
+def check_config(cfg: dict) -> None:
+    for key in cfg:
+        if key not in TOP_KEYS:
+            near = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            raise EvalError(f"unknown key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+    for key in ("max_seq_len", "device_eval_batch_size"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise EvalError(f"{key}: expected a positive integer, got {value!r}")
+
+
+def _section(value: Any, key: str, base: Path | None) -> Any:
+    """An inline section, or a path to a YAML holding it under the same key (Foundry's tasks_v0.3.yaml)."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value)
+    if not path.exists() and base is not None and (base / value).exists():
+        path = base / value
+    if not path.exists():
+        raise EvalError(f"{key}: {value}: no such file")
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict) or key not in loaded:
+        raise EvalError(f"{path}: expected a YAML mapping with an '{key}' key")
+    return loaded[key]
+
+
+def check_tasks(cfg: dict, config_dir: Path | None = None) -> list[tuple[TaskSpec, Path]]:
+    """Every task parsed and its file found, before any model is loaded: (spec, local path) in order."""
+    check_config(cfg)
+    tasks_cfg = _section(cfg.get("icl_tasks") or [], "icl_tasks", config_dir)
+    if not isinstance(tasks_cfg, list) or not tasks_cfg:
+        raise EvalError("icl_tasks: expected a non-empty list of tasks (or a path to a YAML with one)")
+    out = []
+    for i, entry in enumerate(tasks_cfg):
+        spec = parse_task(entry, f"icl_tasks[{i}]")
+        if spec.icl_task_type not in SCORED_TYPES:
+            raise EvalError(f"icl_tasks[{i}] ({spec.label}): task type {spec.icl_task_type!r} is not built yet "
+                            f"(built: {', '.join(SCORED_TYPES)})")
+        path = resolve_uri(spec.dataset_uri, cfg.get("dataset_root"), f"icl_tasks[{i}] ({spec.label})")
+        if not path.exists():
+            raise EvalError(f"icl_tasks[{i}] ({spec.label}).dataset_uri: {path}: no such file"
+                            + ("" if cfg.get("dataset_root") else
+                               " (a relative path from Foundry's YAMLs? give dataset_root=DIR)"))
+        out.append((spec, path))
+    return out
+
+
+def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Callable[[str], None] = print,
+             config_dir: Path | None = None) -> dict[str, Any]:
+    """Run every task of `cfg` on `model`; returns {"metrics": {...}, "gauntlet": {...} | None, ...} and, with
+    `out_dir`, writes results.json and examples.jsonl there (each under a temporary name, then renamed)."""
+    tasks = check_tasks(cfg, config_dir)
+    model.eval()
+    metrics: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    example_rows: list[dict] = []
+    table = []
+    t_all = time.perf_counter()
+    for spec, path in tasks:
+        rows = read_rows(path, REQUIRED_FIELDS[spec.icl_task_type] + (("category",) if spec.has_categories else ()))
+        groups = {None: rows}
+        if spec.has_categories:
+            groups = {c: [r for r in rows if r["category"] == c] for c in sorted({r["category"] for r in rows})}
+        max_len = spec.max_seq_len or cfg["max_seq_len"]
+        batch = spec.batch_size or cfg["device_eval_batch_size"]
+        for k in spec.num_fewshot:
+            for category, group in groups.items():
+                t0 = time.perf_counter()
+                examples = build_examples(spec, group, k, tokenizer, max_len, path)
+                examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
+                accs = _score(model, spec, examples, batch, example_rows, k)
+                name = f"{spec.label}/{k}-shot" + (f"/{category}" if category is not None else "")
+                for metric, value in accs.items():
+                    metrics[f"metrics/{name}/{metric}"] = value
+                sizes[name] = len(examples)
+                table.append((name, accs[METRIC[spec.icl_task_type]], len(examples), time.perf_counter() - t0))
+    result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "seconds": time.perf_counter() - t_all}
+    if cfg.get("eval_gauntlet") is not None:
+        result["gauntlet"] = gauntlet_scores(_section(cfg["eval_gauntlet"], "eval_gauntlet", config_dir), metrics,
+                                             sizes)
+    for name, acc, n, seconds in table:
+        log(f"{name:<48} {acc:7.4f}  ({n} examples, {seconds:.1f} s)")
+    if result.get("gauntlet"):
+        for key, value in result["gauntlet"].items():
+            if key.startswith("icl/"):
+                log(f"{key:<48} {value:7.4f}")
+        for name, missing in result["gauntlet"]["incomplete"].items():
+            log(f"gauntlet: {name} is incomplete (missing {', '.join(missing)})")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
+        with atomic_path(out_dir / "examples.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in example_rows))
+    return result
+
+
+def _subset(examples: list[Example], num_batches, batch: int, is_category: bool) -> list[Example]:
+    """icl_subset_num_batches (not applied to category datasets, as in Foundry); a multiple-choice batch holds
+    max(N, batch) // N questions of N choices."""
+    if num_batches is None or is_category or not examples:
+        return examples
+    per = max(1, max(len(examples[0].continuations), batch) // len(examples[0].continuations))
+    return examples[:int(num_batches) * per]
+
+
+def _score(model, spec: TaskSpec, examples: list[Example], batch: int, sink: list[dict], k: int) -> dict[str, float]:
+    pairs = [(c, t) for ex in examples for c, t in zip(ex.contexts, ex.continuations)]
+    # per batch of `batch` questions' worth of pairs (a multiple-choice question brings all its choices)
+    per_pair = max(1, batch * (len(pairs) // max(1, len(examples))))
+    scores = score_pairs(model, pairs, per_pair)
+    at = 0
+    correct = acc = acc_norm = 0
+    for ex in examples:
+        s = scores[at:at + len(ex.continuations)]
+        at += len(ex.continuations)
+        row = {"task": spec.label, "num_fewshot": k, "line": ex.row["_line"], "prompt": ex.context_text[0],
+               "continuations": ex.continuation_text, "logprobs": [x.logprob for x in s],
+               "tokens": [x.tokens for x in s]}
+        if spec.icl_task_type == "language_modeling":
+            row["greedy_match"] = s[0].greedy
+            correct += s[0].greedy
+        else:
+            means = [x.logprob / x.tokens for x in s]  # Foundry: lowest mean per-token loss, first one on ties
+            pred = max(range(len(s)), key=lambda i: (means[i], -i))
+            by_sum = max(range(len(s)), key=lambda i: (s[i].logprob, -i))  # lm-eval acc
+            by_chars = max(range(len(s)), key=lambda i: (s[i].logprob / max(1, len(ex.continuation_text[i])), -i))
+            row.update(prediction=pred, gold=ex.gold)
+            correct += pred == ex.gold
+            acc += by_sum == ex.gold
+            acc_norm += by_chars == ex.gold
+        if ex.category is not None:
+            row["category"] = ex.category
+        sink.append(row)
+    n = max(1, len(examples))
+    out = {METRIC[spec.icl_task_type]: correct / n}
+    if spec.icl_task_type != "language_modeling":
+        out["lm_eval_acc"], out["lm_eval_acc_norm"] = acc / n, acc_norm / n
+    return out

@@ -1,0 +1,235 @@
+"""LLM Foundry's ICL tasks: the `icl_tasks` entries of an eval YAML, their JSONL rows, and the prompts Foundry builds
+from them (llmfoundry/eval/datasets/in_context_learning_evaluation.py at 8c8dd48f), token for token.
+
+Shape of a prompt (multiple_choice and language_modeling): prompt_string, then each few-shot example as
+[example_delimiter] + prelimiter + context + continuation_delimiter + answer, then the test example's
+[example_delimiter] + prelimiter + context + continuation_delimiter, right-stripped. The delimiter goes before an
+example only when text precedes it. The scored continuation (each choice, or the LM continuation) gets a leading
+space unless it has one (cl100k encodes ' a' as one token). Schema tasks put the prelimiter before the delimiter,
+and a 0-shot schema context has no delimiter at all. Few-shot examples are drawn by one random.Random(seed) per
+task (per category with has_categories), advanced through the rows in order, excluding the test row, and concatenated
+in the iteration order of the Python set Foundry collects them in. Contexts too long are cut from the left.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling", "generation_task_with_answers", "question_answering",
+              "code_evaluation")
+SCORED_TYPES = ("multiple_choice", "schema", "language_modeling")  # the log-likelihood types built so far
+METRIC = {"multiple_choice": "InContextLearningMultipleChoiceAccuracy",
+          "schema": "InContextLearningMultipleChoiceAccuracy",
+          "language_modeling": "InContextLearningLMAccuracy"}
+
+# Every key Foundry's build_icl_evaluators accepts on an icl_tasks entry, with its default.
+TASK_KEYS: dict[str, Any] = {
+    "label": None, "dataset_uri": None, "icl_task_type": None, "num_fewshot": None, "metric_names": None,
+    "max_seq_len": None, "batch_size": None, "has_categories": False, "hf_loading_vars": {}, "hf_parsing_map": {},
+    "prompt_string": "", "example_delimiter": "\n", "continuation_delimiter": " ", "prelimiter": "",
+    "question_prelimiter": None, "fewshot_random_seed": 1234, "strip_dataset": True, "context_key": None,
+    "answer_key": None, "choices_key": None, "padding_size": None, "tokenize_labels": None, "generation_kwargs": None,
+    "cot_delimiter": "", "early_stopping_criteria": None, "do_normalization": True, "pass_at_k": 1,
+    "generations_per_sample": 1,
+}
+REQUIRED = ("label", "dataset_uri", "icl_task_type", "num_fewshot")
+
+
+class EvalError(ValueError):
+    """A user mistake in an eval config or task file; the message names the file, line or key."""
+
+
+@dataclass
+class TaskSpec:
+    label: str
+    dataset_uri: str
+    icl_task_type: str
+    num_fewshot: list[int]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:  # the other Foundry keys, with Foundry's defaults
+        options = self.__dict__.get("options", {})
+        if key in TASK_KEYS:
+            return options.get(key, TASK_KEYS[key])
+        raise AttributeError(key)
+
+
+def parse_task(entry: Any, where: str) -> TaskSpec:
+    if not isinstance(entry, dict):
+        raise EvalError(f"{where}: expected a mapping with {', '.join(REQUIRED)}, got {entry!r}")
+    for key in entry:
+        if key not in TASK_KEYS:
+            near = difflib.get_close_matches(str(key), list(TASK_KEYS), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise EvalError(f"{where}: unknown key '{key}'{hint}")
+    missing = [k for k in REQUIRED if entry.get(k) is None]
+    if missing:
+        raise EvalError(f"{where}: missing {', '.join(missing)}")
+    kind = entry["icl_task_type"]
+    if kind not in TASK_TYPES:
+        near = difflib.get_close_matches(str(kind), TASK_TYPES, n=1)
+        raise EvalError(f"{where}.icl_task_type: unknown task type {kind!r}"
+                        + (f"; did you mean '{near[0]}'?" if near else f" (one of {', '.join(TASK_TYPES)})"))
+    shots = entry["num_fewshot"]
+    shots = [shots] if isinstance(shots, int) else shots
+    if not isinstance(shots, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                              for k in shots):
+        raise EvalError(f"{where}.num_fewshot: expected a list of non-negative integers, got {entry['num_fewshot']!r}")
+    options = {k: v for k, v in entry.items() if k not in REQUIRED}
+    if options.get("question_prelimiter") is not None:  # Foundry's legacy name
+        if options.get("prelimiter"):
+            raise EvalError(f"{where}: give prelimiter or question_prelimiter, not both")
+        options["prelimiter"] = options.pop("question_prelimiter")
+    return TaskSpec(str(entry["label"]), str(entry["dataset_uri"]), kind, shots, options)
+
+
+def resolve_uri(uri: str, dataset_root: str | Path | None, where: str) -> Path:
+    """A local path. Foundry's YAMLs name files relative to its scripts folder (eval/local_data/...):
+    with dataset_root, the path is tried under it, then without its leading folders (eval/ ...)."""
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise EvalError(f"{where}.dataset_uri: {uri} needs the network ({scheme}://), which dbrx eval never uses; "
+                        "download the file and give its local path")
+    path = Path(uri)
+    if dataset_root is not None and not path.is_absolute():
+        parts = path.parts
+        for i in range(len(parts)):
+            candidate = Path(dataset_root, *parts[i:])
+            if candidate.exists():
+                return candidate
+        return Path(dataset_root, *parts)
+    return path
+
+
+def read_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """A JSONL file's rows; a malformed line or a missing field is an error naming the file and line."""
+    if not path.exists():
+        raise EvalError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            absent = [k for k in required if k not in row]
+            if absent:
+                raise EvalError(f"{path}:{n}: missing field(s) {', '.join(absent)}")
+            row["_line"] = n
+            rows.append(row)
+    if not rows:
+        raise EvalError(f"{path}: no rows")
+    return rows
+
+
+def fewshot_indices(n: int, k: int, idx: int, rng: random.Random) -> list[int]:
+    """Foundry's get_fewshot_sample_idxs, including its order: the indices as a Python set iterates them."""
+    k = min(n - 1, k)
+    chosen = set(rng.sample(range(0, n), k))
+    if idx in chosen:
+        chosen.remove(idx)
+        if len(chosen) < n - 1:  # Foundry's refill when the test row was drawn
+            r = rng.choice(range(0, n))
+            while r in chosen or r == idx:
+                r = rng.choice(range(0, n))
+            chosen.add(r)
+    return list(chosen)
+
+
+@dataclass
+class Example:
+    """One scored row: the context ids and, per choice, the continuation ids (one for language_modeling); for
+    schema, one context per option and a shared continuation."""
+    row: dict
+    contexts: list[list[int]]
+    continuations: list[list[int]]
+    gold: int | None
+    context_text: list[str]
+    continuation_text: list[str]
+    category: str | None = None
+
+
+def _with_space(text: str) -> str:
+    return text if text.startswith(" ") else " " + text
+
+
+def build_examples(spec: TaskSpec, rows: list[dict], num_fewshot: int, tokenizer, max_seq_len: int,
+                   path: Path) -> list[Example]:
+    """Foundry's prompts for one (task, num_fewshot[, category]) dataset of `rows` (already one category's)."""
+    kind = spec.icl_task_type
+    strip = bool(spec.strip_dataset)
+    if strip:
+        rows = [{k: (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
+    if num_fewshot >= len(rows) and num_fewshot > 0:
+        raise EvalError(f"{path}: {spec.label} asks for {num_fewshot} few-shot examples but the file has only "
+                        f"{len(rows)} rows (each example needs {num_fewshot} others)")
+    rng = random.Random(spec.fewshot_random_seed)
+    pre, ex_delim, cont_delim = spec.prelimiter or "", spec.example_delimiter, spec.continuation_delimiter
+    out = []
+    for idx, row in enumerate(rows):
+        shots = fewshot_indices(len(rows), num_fewshot, idx, rng) if num_fewshot > 0 else []
+        preamble = spec.prompt_string or ""
+        for j in shots:
+            fs = rows[j]
+            if kind == "schema":
+                preamble += pre + (ex_delim if preamble else "") + fs["context_options"][fs["gold"]] + cont_delim \
+                    + fs["continuation"]
+            else:
+                answer = fs["choices"][fs["gold"]] if kind == "multiple_choice" else fs["continuation"]
+                preamble += (ex_delim if preamble else "") + pre + fs[_context_key(kind)] + cont_delim + answer
+        pre_ids = tokenizer.encode(preamble) if preamble else []
+        if kind == "schema":
+            cd = cont_delim.rstrip() if strip else cont_delim
+            ctx_texts = [pre + ex_delim + opt + cd if preamble else pre + opt for opt in row["context_options"]]
+            contexts = [pre_ids + tokenizer.encode(t) for t in ctx_texts]
+            cont_text = _with_space(row["continuation"])
+            cont_ids = tokenizer.encode(cont_text)
+            conts, cont_texts = [cont_ids] * len(contexts), [cont_text] * len(contexts)
+            ctx_texts = [preamble + t for t in ctx_texts]
+        else:
+            text = (ex_delim if preamble else "") + pre + row[_context_key(kind)] + cont_delim
+            if strip:
+                text = text.rstrip()
+            ctx = pre_ids + tokenizer.encode(text)
+            cont_texts = [_with_space(c) for c in row["choices"]] if kind == "multiple_choice" \
+                else [_with_space(row["continuation"])]
+            conts = [tokenizer.encode(t) for t in cont_texts]
+            contexts, ctx_texts = [ctx] * len(conts), [preamble + text] * len(conts)
+        gold = None
+        if kind in ("multiple_choice", "schema"):
+            gold = row["gold"]
+            n = len(contexts)
+            if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < n:
+                raise EvalError(f"{path}:{row['_line']}: gold {gold!r} is not an index into its {n} "
+                                f"{'choices' if kind == 'multiple_choice' else 'context_options'}")
+        contexts = [_trim(c, k, max_seq_len, path, row) for c, k in zip(contexts, conts)]
+        out.append(Example(row, contexts, conts, gold, ctx_texts, cont_texts, row.get("category")))
+    return out
+
+
+def _context_key(kind: str) -> str:
+    return "query" if kind == "multiple_choice" else "context"
+
+
+def _trim(ctx: list[int], cont: list[int], max_seq_len: int, path: Path, row: dict) -> list[int]:
+    """Foundry's trim_context: cut the context from the left so that context + continuation fit."""
+    if len(cont) > max_seq_len:
+        raise EvalError(f"{path}:{row['_line']}: the continuation alone has {len(cont)} tokens, more than "
+                        f"max_seq_len {max_seq_len}")
+    if len(ctx) + len(cont) > max_seq_len:
+        ctx = ctx[-(max_seq_len - len(cont)):]
+    return ctx
+
+
+REQUIRED_FIELDS = {"multiple_choice": ("query", "choices", "gold"),
+                   "schema": ("context_options", "continuation", "gold"),
+                   "language_modeling": ("context", "continuation")}

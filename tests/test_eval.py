@@ -1,0 +1,191 @@
+"""dbrx eval: LLM Foundry's prompts and scores for the log-likelihood task types, the Gauntlet's arithmetic, errors
+that name the file and line, and Foundry's own task files (read from ../shared/foundry_eval where present)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dbrx import DbrxForCausalLM
+from dbrx.config import DbrxConfig
+from dbrx.eval import EvalError, build_examples, evaluate, gauntlet_scores, parse_task, score_pairs
+from dbrx.eval.tasks import REQUIRED_FIELDS, read_rows
+from dbrx.tokenizer import Tokenizer
+
+FOUNDRY = Path(__file__).resolve().parents[2] / "shared" / "foundry_eval"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = DbrxConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=100352,
+                        attn_config={"kv_n_heads": 1}, ffn_config={"ffn_hidden_size": 24})
+    return DbrxForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+MC_ROWS = [{"query": f"Question {i}: which word comes after {w}?", "choices": ["alpha", "beta", "gamma"], "gold": i % 3}
+           for i, w in enumerate(["one", "two", "three", "four", "five", "six"])]
+
+
+def test_scores_are_the_log_probabilities_of_a_plain_forward_and_do_not_depend_on_the_batch(model, tok):
+    pairs = [(tok.encode("The cat sat on the"), tok.encode(" mat")),
+             (tok.encode("Once upon a time there was a"), tok.encode(" king who ruled")),
+             (tok.encode("x"), tok.encode(" = 1 + 2"))]
+    scores = score_pairs(model, pairs, batch_size=8)
+    for (ctx, cont), s in zip(pairs, scores):  # by hand: the full logits of the pair alone
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+        positions = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        expected = sum(logp[p, t].item() for p, t in zip(positions, cont))
+        greedy = all(logp[p].argmax().item() == t for p, t in zip(positions, cont))
+        assert abs(s.logprob - expected) < 1e-4 and s.tokens == len(cont) and s.greedy == greedy
+    one = score_pairs(model, pairs, batch_size=1)
+    assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(one, scores))
+
+
+def test_foundry_prompts_fewshot_and_spaces(tok, tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    spec = parse_task({"label": "mc", "dataset_uri": str(path), "icl_task_type": "multiple_choice", "num_fewshot": [2],
+                       "continuation_delimiter": "\nAnswer: "}, "t")
+    rows = read_rows(path, REQUIRED_FIELDS["multiple_choice"])
+    zero = build_examples(spec, rows, 0, tok, 256, path)
+    # 0-shot: the query and the delimiter, right-stripped; each choice with a leading space
+    assert zero[0].context_text[0] == "Question 0: which word comes after one?\nAnswer:"
+    assert zero[0].continuation_text == [" alpha", " beta", " gamma"]
+    assert zero[0].contexts[0] == tok.encode(zero[0].context_text[0])
+    two = build_examples(spec, rows, 2, tok, 256, path)
+    for i, ex in enumerate(two):  # two other rows, each with its gold answer (no added space), then the test row
+        lines = ex.context_text[0].split("\n")
+        assert len(lines) == 6 and lines[-2:] == [MC_ROWS[i]["query"], "Answer:"]
+        for query, answer in (lines[0:2], lines[2:4]):
+            j = int(query.split()[1].rstrip(":"))
+            assert j != i and query == MC_ROWS[j]["query"]
+            assert answer == "Answer: " + MC_ROWS[j]["choices"][MC_ROWS[j]["gold"]]
+    schema = write_jsonl(tmp_path / "schema.jsonl", [
+        {"context_options": [f"Anna{i} thanked Bo", f"Bo thanked Anna{i}"], "continuation": "because she helped.",
+         "gold": i % 2} for i in range(4)])
+    spec = parse_task({"label": "s", "dataset_uri": str(schema), "icl_task_type": "schema", "num_fewshot": [0, 1]}, "t")
+    rows = read_rows(schema, REQUIRED_FIELDS["schema"])
+    ex0 = build_examples(spec, rows, 0, tok, 256, schema)[0]
+    assert ex0.context_text == ["Anna0 thanked Bo", "Bo thanked Anna0"]  # 0-shot schema: no delimiter at all
+    assert ex0.continuation_text == [" because she helped."] * 2
+    ex1 = build_examples(spec, rows, 1, tok, 256, schema)[0]
+    shot, test = ex1.context_text[0].split("\n")
+    assert shot.endswith(" because she helped.") and test == "Anna0 thanked Bo"
+
+
+def test_left_truncation_keeps_the_continuation(tok, tmp_path):
+    path = write_jsonl(tmp_path / "lm.jsonl", [{"context": "word " * 200, "continuation": "end"}] * 2)
+    spec = parse_task({"label": "lm", "dataset_uri": str(path), "icl_task_type": "language_modeling",
+                       "num_fewshot": [0]}, "t")
+    ex = build_examples(spec, read_rows(path, ("context", "continuation")), 0, tok, 32, path)[0]
+    assert len(ex.contexts[0]) + len(ex.continuations[0]) == 32
+    assert ex.contexts[0] == tok.encode(("word " * 200).strip())[-(32 - len(ex.continuations[0])):]
+
+
+def test_evaluate_writes_foundry_names_and_per_example_rows(model, tok, tmp_path):
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    lm = write_jsonl(tmp_path / "lm.jsonl", [{"context": f"Count: {i} {i + 1}", "continuation": f"{i + 2}",
+                                              "category": "easy" if i % 2 else "hard"} for i in range(6)])
+    cfg = {"max_seq_len": 128, "device_eval_batch_size": 4, "icl_tasks": [
+        {"label": "mc", "dataset_uri": str(mc), "icl_task_type": "multiple_choice", "num_fewshot": [0, 1]},
+        {"label": "count", "dataset_uri": str(lm), "icl_task_type": "language_modeling", "num_fewshot": [1],
+         "has_categories": True}],
+        "eval_gauntlet": {"categories": [{"name": "reasoning", "benchmarks": [
+            {"name": "mc", "num_fewshot": 0, "random_baseline": 1 / 3}]}]}}
+    result = evaluate(model, tok, cfg, out_dir=tmp_path / "out", log=lambda *_: None)
+    m = result["metrics"]
+    assert set(m) >= {"metrics/mc/0-shot/InContextLearningMultipleChoiceAccuracy",
+                      "metrics/mc/1-shot/lm_eval_acc", "metrics/mc/1-shot/lm_eval_acc_norm",
+                      "metrics/count/1-shot/easy/InContextLearningLMAccuracy",
+                      "metrics/count/1-shot/hard/InContextLearningLMAccuracy"}
+    acc = m["metrics/mc/0-shot/InContextLearningMultipleChoiceAccuracy"]
+    assert result["gauntlet"]["icl/metrics/eval_gauntlet/reasoning"] == pytest.approx((acc - 1 / 3) / (2 / 3))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["metrics"] == m
+    rows = [json.loads(line) for line in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 * 2 + 6
+    first = rows[0]
+    # the prediction is the lowest mean per-token loss (Foundry), from the logged log-probabilities
+    means = [lp / n for lp, n in zip(first["logprobs"], first["tokens"])]
+    assert first["prediction"] == means.index(max(means))
+    # batch size does not change a score (fp32)
+    again = evaluate(model, tok, {**cfg, "device_eval_batch_size": 1}, log=lambda *_: None)
+    assert all(abs(again["metrics"][k] - v) < 1e-9 for k, v in m.items())
+
+
+def test_gauntlet_reports_a_category_with_a_missing_benchmark():
+    cfg = {"categories": [
+        {"name": "a", "benchmarks": [{"name": "x", "num_fewshot": 0, "random_baseline": 0.25},
+                                     {"name": "y", "num_fewshot": 3, "random_baseline": 0.5}]},
+        {"name": "b", "benchmarks": [{"name": "z", "num_fewshot": 0, "random_baseline": 0.0}]}]}
+    metrics = {"metrics/x/0-shot/InContextLearningMultipleChoiceAccuracy": 0.625,
+               "metrics/z/0-shot/c1/InContextLearningLMAccuracy": 0.2,
+               "metrics/z/0-shot/c2/InContextLearningLMAccuracy": 0.4}
+    out = gauntlet_scores(cfg, metrics, {"x/0-shot": 8, "z/0-shot/c1": 5, "z/0-shot/c2": 5})
+    assert out["incomplete"]["a"] == ["y/3-shot"] and "icl/metrics/eval_gauntlet/a" not in out
+    assert out["benchmarks"]["x/0-shot"] == pytest.approx(0.5)
+    assert out["icl/metrics/eval_gauntlet/b"] == pytest.approx(0.3)  # the categories' plain mean
+    assert out["icl/metrics/eval_gauntlet/default_average"] == pytest.approx(0.3)
+    assert out["incomplete"]["default_average"] == ["category a"]
+
+
+def test_bad_input_names_the_file_line_or_key(tok, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [MC_ROWS[0], "{not json"])
+    with pytest.raises(EvalError, match=r"bad.jsonl:2: not valid JSON"):
+        read_rows(bad, REQUIRED_FIELDS["multiple_choice"])
+    gold = write_jsonl(tmp_path / "gold.jsonl", [MC_ROWS[0], {**MC_ROWS[1], "gold": 3}])
+    spec = parse_task({"label": "g", "dataset_uri": str(gold), "icl_task_type": "multiple_choice", "num_fewshot": [0]},
+                      "t")
+    with pytest.raises(EvalError, match=r"gold.jsonl:2: gold 3 is not an index into its 3 choices"):
+        build_examples(spec, read_rows(gold, REQUIRED_FIELDS["multiple_choice"]), 0, tok, 64, gold)
+    with pytest.raises(EvalError, match=r"asks for 5 few-shot examples but the file has only 2 rows"):
+        build_examples(spec, read_rows(gold, REQUIRED_FIELDS["multiple_choice"])[:2], 5, tok, 64, gold)
+    with pytest.raises(EvalError, match=r"unknown key 'continuation_delimeter'; did you mean 'continuation_delimiter'"):
+        parse_task({"label": "g", "dataset_uri": "x", "icl_task_type": "schema", "num_fewshot": [0],
+                    "continuation_delimeter": " "}, "icl_tasks[0]")
+    with pytest.raises(EvalError, match=r"unknown task type 'multiple_choise'; did you mean 'multiple_choice'"):
+        parse_task({"label": "g", "dataset_uri": "x", "icl_task_type": "multiple_choise", "num_fewshot": [0]}, "t")
+    cfg = {"max_seq_len": 64, "device_eval_batch_size": 2,
+           "icl_tasks": [{"label": "h", "dataset_uri": "hf://datasets/x/y", "icl_task_type": "schema",
+                          "num_fewshot": [0]}]}
+    with pytest.raises(EvalError, match=r"needs the network"):
+        evaluate(None, tok, cfg, log=lambda *_: None)
+
+
+@pytest.mark.skipif(not FOUNDRY.exists(), reason="../shared/foundry_eval (Foundry's task files) is not present")
+def test_foundry_task_files_of_the_scored_types_all_build(tok):
+    tasks = yaml.safe_load((FOUNDRY / "yamls" / "tasks_v0.3.yaml").read_text())["icl_tasks"]
+    built = 0
+    for i, entry in enumerate(tasks):
+        spec = parse_task(entry, f"icl_tasks[{i}]")
+        if spec.icl_task_type not in REQUIRED_FIELDS:
+            continue
+        from dbrx.eval.tasks import resolve_uri
+
+        path = resolve_uri(spec.dataset_uri, FOUNDRY, spec.label)
+        if not path.exists():  # three files are absent from the stored copy (its README)
+            continue
+        rows = read_rows(path, REQUIRED_FIELDS[spec.icl_task_type])[:40]
+        groups = [[r for r in rows if r.get("category") == c] for c in {r.get("category") for r in rows}] \
+            if spec.has_categories else [rows]
+        for k in spec.num_fewshot:
+            for group in groups:
+                if len(group) > k:
+                    examples = build_examples(spec, group, k, tok, 2048, path)
+                    assert all(len(c) + len(t) <= 2048 and t for ex in examples
+                               for c, t in zip(ex.contexts, ex.continuations))
+        built += 1
+    assert built >= 20
