@@ -11,7 +11,7 @@ import yaml
 from dbrx import DbrxForCausalLM
 from dbrx.config import DbrxConfig
 from dbrx.eval import EvalError, build_examples, evaluate, gauntlet_scores, parse_task, score_pairs
-from dbrx.eval.tasks import REQUIRED_FIELDS, read_rows
+from dbrx.eval.tasks import GENERATION_TYPES, REQUIRED_FIELDS, build_generation_examples, read_rows
 from dbrx.tokenizer import Tokenizer
 
 FOUNDRY = Path(__file__).resolve().parents[2] / "shared" / "foundry_eval"
@@ -163,6 +163,9 @@ def test_bad_input_names_the_file_line_or_key(tok, tmp_path):
                           "num_fewshot": [0]}]}
     with pytest.raises(EvalError, match=r"needs the network"):
         evaluate(None, tok, cfg, log=lambda *_: None)
+    cfg["icl_tasks"][0]["dataset_uri"] = "eval/local_data/absent.jsonl"
+    with pytest.raises(EvalError, match=r"none of the 1 tasks' files exists .*absent.jsonl.*give dataset_root"):
+        evaluate(None, tok, cfg, log=lambda *_: None)
 
 
 @pytest.mark.skipif(not FOUNDRY.exists(), reason="../shared/foundry_eval (Foundry's task files) is not present")
@@ -176,16 +179,52 @@ def test_foundry_task_files_of_the_scored_types_all_build(tok):
         from dbrx.eval.tasks import resolve_uri
 
         path = resolve_uri(spec.dataset_uri, FOUNDRY, spec.label)
-        if not path.exists():  # three files are absent from the stored copy (its README)
+        if not path.exists():  # absent from the stored copy (mmlu, hellaswag, ...; its README)
             continue
         rows = read_rows(path, REQUIRED_FIELDS[spec.icl_task_type])[:40]
         groups = [[r for r in rows if r.get("category") == c] for c in {r.get("category") for r in rows}] \
             if spec.has_categories else [rows]
         for k in spec.num_fewshot:
             for group in groups:
-                if len(group) > k:
+                if len(group) <= k:
+                    continue
+                if spec.icl_task_type in GENERATION_TYPES:
+                    examples, max_new = build_generation_examples(spec, group, k, tok, 2048, path)
+                    assert all(0 < len(ex.context) <= 2048 - max_new and ex.aliases for ex in examples)
+                else:
                     examples = build_examples(spec, group, k, tok, 2048, path)
                     assert all(len(c) + len(t) <= 2048 and t for ex in examples
                                for c, t in zip(ex.contexts, ex.continuations))
         built += 1
-    assert built >= 20
+    assert built == 27  # of tasks_v0.3's 32 (every type but code): five files are absent from the stored copy
+
+
+def test_generation_answers_are_matched_as_foundry_matches_them():
+    from dbrx.eval.tasks import answer_is_correct, normalize_answer
+
+    assert normalize_answer("The  Onion_skins, a (red)!") == "onion skins red"
+    assert answer_is_correct(" onions, surely", ["Onion"], None, "", True)  # a prefix match after normalisation
+    assert not answer_is_correct(" an onion", ["Onion"], None, "", False)  # without normalisation: stripped only
+    # the cut at the first stop string, then what follows the last cot_delimiter
+    assert answer_is_correct(" 3 + 4 = 7. The answer is 7\n\nQuestion: 9", ["7"], ["\n\n", "Question:"],
+                             "The answer is ", False)
+    assert not answer_is_correct(" 3 + 4 = 7.\n\nThe answer is 7", ["7"], ["\n\n"], "The answer is ", False)
+
+
+def test_generation_tasks_generate_greedily_with_the_cache_and_stop_at_stop_strings(model, tok, tmp_path):
+    from dbrx.generate import generate
+
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"context": f"Question: what is {i} plus {i}?", "answer": str(2 * i),
+                                                "aliases": [f"{2 * i}.0"]} for i in range(5)])
+    cfg = {"max_seq_len": 128, "device_eval_batch_size": 3, "icl_tasks": [
+        {"label": "qa", "dataset_uri": str(path), "icl_task_type": "generation_task_with_answers", "num_fewshot": [1],
+         "continuation_delimiter": "\nAnswer:", "early_stopping_criteria": ["\n"]}]}
+    result = evaluate(model, tok, cfg, out_dir=tmp_path / "out", log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(r["prompt"].endswith("\nAnswer:") for r in rows)
+    max_new = max(len(tok.encode(a)) for i in range(5) for a in (str(2 * i), f"{2 * i}.0"))
+    for r in rows:  # the same greedy tokens as dbrx generate, up to the first stop string
+        alone = tok.decode(generate(model, tok.encode(r["prompt"]), max_new))
+        assert alone.startswith(r["generation"]) and ("\n" in alone[len(r["generation"]) - 1:] or alone == r["generation"])
+    metric = "metrics/qa/1-shot/InContextLearningGenerationExactMatchAccuracy"
+    assert result["metrics"][metric] == sum(r["correct"] for r in rows) / 5

@@ -12,9 +12,10 @@ from typing import Any, Callable
 import yaml
 
 from dbrx.eval.gauntlet import gauntlet_scores
-from dbrx.eval.scoring import score_pairs
-from dbrx.eval.tasks import (METRIC, REQUIRED_FIELDS, SCORED_TYPES, EvalError, Example, TaskSpec, build_examples,
-                             parse_task, read_rows, resolve_uri)
+from dbrx.eval.scoring import generate_texts, score_pairs
+from dbrx.eval.tasks import (GENERATION_TYPES, METRIC, REQUIRED_FIELDS, SCORED_TYPES, EvalError, Example,
+                             GenerationExample, TaskSpec, answer_is_correct, build_examples,
+                             build_generation_examples, parse_task, read_rows, resolve_uri)
 from dbrx.fileio import atomic_path, atomic_write_text
 
 # Foundry's top-level eval keys (llmfoundry EvalConfig); `dataset_root` is ours: where relative dataset_uris live.
@@ -51,8 +52,11 @@ def _section(value: Any, key: str, base: Path | None) -> Any:
     return loaded[key]
 
 
-def check_tasks(cfg: dict, config_dir: Path | None = None) -> list[tuple[TaskSpec, Path]]:
-    """Every task parsed and its file found, before any model is loaded: (spec, local path) in order."""
+def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], None] = print
+                ) -> list[tuple[TaskSpec, Path | None]]:
+    """Every task parsed and its file looked for, before any model is loaded: (spec, local path) in order. A task
+    whose file is absent gets None and is reported (a Gauntlet category missing it is then incomplete); an error
+    only if no task's file is found."""
     check_config(cfg)
     tasks_cfg = _section(cfg.get("icl_tasks") or [], "icl_tasks", config_dir)
     if not isinstance(tasks_cfg, list) or not tasks_cfg:
@@ -64,11 +68,13 @@ def check_tasks(cfg: dict, config_dir: Path | None = None) -> list[tuple[TaskSpe
             raise EvalError(f"icl_tasks[{i}] ({spec.label}): task type {spec.icl_task_type!r} is not built yet "
                             f"(built: {', '.join(SCORED_TYPES)})")
         path = resolve_uri(spec.dataset_uri, cfg.get("dataset_root"), f"icl_tasks[{i}] ({spec.label})")
+        hint = "" if cfg.get("dataset_root") else " (a relative path from Foundry's YAMLs? give dataset_root=DIR)"
         if not path.exists():
-            raise EvalError(f"icl_tasks[{i}] ({spec.label}).dataset_uri: {path}: no such file"
-                            + ("" if cfg.get("dataset_root") else
-                               " (a relative path from Foundry's YAMLs? give dataset_root=DIR)"))
-        out.append((spec, path))
+            log(f"warning: icl_tasks[{i}] ({spec.label}).dataset_uri: {path}: no such file{hint}; skipped")
+        out.append((spec, path if path.exists() else None))
+    if all(path is None for _, path in out):
+        raise EvalError(f"icl_tasks: none of the {len(out)} tasks' files exists (first: "
+                        f"{resolve_uri(out[0][0].dataset_uri, cfg.get('dataset_root'), '')}){hint}")
     return out
 
 
@@ -76,32 +82,42 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
              config_dir: Path | None = None) -> dict[str, Any]:
     """Run every task of `cfg` on `model`; returns {"metrics": {...}, "gauntlet": {...} | None, ...} and, with
     `out_dir`, writes results.json and examples.jsonl there (each under a temporary name, then renamed)."""
-    tasks = check_tasks(cfg, config_dir)
+    tasks = check_tasks(cfg, config_dir, log=lambda *_: None)  # (the CLI reported missing files before loading)
     model.eval()
     metrics: dict[str, float] = {}
     sizes: dict[str, int] = {}
     example_rows: list[dict] = []
     table = []
     t_all = time.perf_counter()
+    missing = {spec.label: spec.dataset_uri for spec, path in tasks if path is None}
     for spec, path in tasks:
+        if path is None:
+            continue
         rows = read_rows(path, REQUIRED_FIELDS[spec.icl_task_type] + (("category",) if spec.has_categories else ()))
         groups = {None: rows}
         if spec.has_categories:
             groups = {c: [r for r in rows if r["category"] == c] for c in sorted({r["category"] for r in rows})}
-        max_len = spec.max_seq_len or cfg["max_seq_len"]
+        # the model cannot read past its own max_seq_len, whatever the YAML asks
+        max_len = min(spec.max_seq_len or cfg["max_seq_len"], model.config.max_seq_len)
         batch = spec.batch_size or cfg["device_eval_batch_size"]
         for k in spec.num_fewshot:
             for category, group in groups.items():
                 t0 = time.perf_counter()
-                examples = build_examples(spec, group, k, tokenizer, max_len, path)
-                examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
-                accs = _score(model, spec, examples, batch, example_rows, k)
+                if spec.icl_task_type in GENERATION_TYPES:
+                    examples, max_new = build_generation_examples(spec, group, k, tokenizer, max_len, path)
+                    examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
+                    accs = _generate(model, tokenizer, spec, examples, max_new, batch, example_rows, k)
+                else:
+                    examples = build_examples(spec, group, k, tokenizer, max_len, path)
+                    examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
+                    accs = _score(model, spec, examples, batch, example_rows, k)
                 name = f"{spec.label}/{k}-shot" + (f"/{category}" if category is not None else "")
                 for metric, value in accs.items():
                     metrics[f"metrics/{name}/{metric}"] = value
                 sizes[name] = len(examples)
                 table.append((name, accs[METRIC[spec.icl_task_type]], len(examples), time.perf_counter() - t0))
-    result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "seconds": time.perf_counter() - t_all}
+    result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "missing_tasks": missing,
+                              "seconds": time.perf_counter() - t_all}
     if cfg.get("eval_gauntlet") is not None:
         result["gauntlet"] = gauntlet_scores(_section(cfg["eval_gauntlet"], "eval_gauntlet", config_dir), metrics,
                                              sizes)
@@ -111,8 +127,10 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
         for key, value in result["gauntlet"].items():
             if key.startswith("icl/"):
                 log(f"{key:<48} {value:7.4f}")
-        for name, missing in result["gauntlet"]["incomplete"].items():
-            log(f"gauntlet: {name} is incomplete (missing {', '.join(missing)})")
+        for name, absent in result["gauntlet"]["incomplete"].items():
+            log(f"gauntlet: {name} is incomplete (missing {', '.join(absent)})")
+    for label, uri in missing.items():
+        log(f"not run: {label} ({uri}: no such file)")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
@@ -121,12 +139,13 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
     return result
 
 
-def _subset(examples: list[Example], num_batches, batch: int, is_category: bool) -> list[Example]:
+def _subset(examples: list, num_batches, batch: int, is_category: bool) -> list[Example]:
     """icl_subset_num_batches (not applied to category datasets, as in Foundry); a multiple-choice batch holds
     max(N, batch) // N questions of N choices."""
     if num_batches is None or is_category or not examples:
         return examples
-    per = max(1, max(len(examples[0].continuations), batch) // len(examples[0].continuations))
+    choices = len(getattr(examples[0], "continuations", [None]))
+    per = max(1, max(choices, batch) // choices)
     return examples[:int(num_batches) * per]
 
 
@@ -163,3 +182,20 @@ def _score(model, spec: TaskSpec, examples: list[Example], batch: int, sink: lis
     if spec.icl_task_type != "language_modeling":
         out["lm_eval_acc"], out["lm_eval_acc_norm"] = acc / n, acc_norm / n
     return out
+
+
+def _generate(model, tokenizer, spec: TaskSpec, examples: list[GenerationExample], max_new: int, batch: int,
+              sink: list[dict], k: int) -> dict[str, float]:
+    stops = spec.early_stopping_criteria or []
+    eos = [tokenizer.eos_token_id]
+    outputs = generate_texts(model, tokenizer, [ex.context for ex in examples], max_new, batch, stops, eos)
+    correct = 0
+    for ex, output in zip(examples, outputs):
+        ok = answer_is_correct(output, ex.aliases, stops, spec.cot_delimiter or "", bool(spec.do_normalization))
+        correct += ok
+        row = {"task": spec.label, "num_fewshot": k, "line": ex.row["_line"], "prompt": ex.context_text,
+               "generation": output, "answers": ex.aliases, "correct": ok}
+        if ex.category is not None:
+            row["category"] = ex.category
+        sink.append(row)
+    return {METRIC[spec.icl_task_type]: correct / max(1, len(examples))}

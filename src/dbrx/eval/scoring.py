@@ -60,3 +60,36 @@ def score_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int
         if progress is not None:
             progress(len(chunk))
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                   stop_strings: list[str] | None, stop_token_ids: list[int], progress=None) -> list[str]:
+    """Greedy continuations (KV cache, left-padded batches sorted by length), each ended at a stop token, or once
+    its text holds a stop string (the batch ends when every row has), or after max_new_tokens; decoded without
+    special tokens."""
+    from dbrx.generate import stream_generate
+
+    stops = [s for s in stop_strings or [] if s]
+    look = max((len(tokenizer.encode(s)) for s in stops), default=0) + 1  # tokens a stop string can span
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        for step in stream_generate(model, [prompts[i] for i in chunk], max_new_tokens, stop_token_ids=stop_token_ids):
+            for r, token in enumerate(step):
+                if token is None:
+                    done[r] = True
+                elif not done[r]:
+                    ids[r].append(token)
+                    if token in stop_token_ids or (stops and any(s in tokenizer.decode(ids[r][-look:]) for s in stops)):
+                        done[r] = True
+            if all(done):
+                break
+        for r, i in enumerate(chunk):
+            out[i] = tokenizer.decode(ids[r], skip_special=True)
+        if progress is not None:
+            progress(len(chunk))
+    return out

@@ -16,16 +16,21 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling", "generation_task_with_answers", "question_answering",
               "code_evaluation")
-SCORED_TYPES = ("multiple_choice", "schema", "language_modeling")  # the log-likelihood types built so far
+GENERATION_TYPES = ("generation_task_with_answers", "question_answering")  # the second: Foundry's old alias
+SCORED_TYPES = ("multiple_choice", "schema", "language_modeling") + GENERATION_TYPES  # built so far
 METRIC = {"multiple_choice": "InContextLearningMultipleChoiceAccuracy",
           "schema": "InContextLearningMultipleChoiceAccuracy",
-          "language_modeling": "InContextLearningLMAccuracy"}
+          "language_modeling": "InContextLearningLMAccuracy",
+          "generation_task_with_answers": "InContextLearningGenerationExactMatchAccuracy",
+          "question_answering": "InContextLearningGenerationExactMatchAccuracy"}
 
 # Every key Foundry's build_icl_evaluators accepts on an icl_tasks entry, with its default.
 TASK_KEYS: dict[str, Any] = {
@@ -232,4 +237,84 @@ def _trim(ctx: list[int], cont: list[int], max_seq_len: int, path: Path, row: di
 
 REQUIRED_FIELDS = {"multiple_choice": ("query", "choices", "gold"),
                    "schema": ("context_options", "continuation", "gold"),
-                   "language_modeling": ("context", "continuation")}
+                   "language_modeling": ("context", "continuation"),
+                   "generation_task_with_answers": ("context", "answer"),
+                   "question_answering": ("context", "answer")}
+
+
+# ---- generation tasks -------------------------------------------------------------------------------------------
+@dataclass
+class GenerationExample:
+    row: dict
+    context: list[int]
+    context_text: str
+    aliases: list[str]  # the answer and its aliases, as given (unstripped)
+    category: str | None = None
+
+
+def build_generation_examples(spec: TaskSpec, rows: list[dict], num_fewshot: int, tokenizer, max_seq_len: int,
+                              path: Path) -> tuple[list[GenerationExample], int]:
+    """Foundry's generation_task_with_answers prompts, and max_new_tokens: the longest answer (or chain of thought,
+    delimiter and answer) in tokens, plus 10 when there is a cot_delimiter. Contexts are cut from the left to
+    leave room for that many new tokens."""
+    cot = spec.cot_delimiter or ""
+    has_cot = any("chain_of_thought" in r for r in rows)
+    for r in rows:
+        if "aliases" in r and not (isinstance(r["aliases"], list) and all(isinstance(a, str) for a in r["aliases"])):
+            raise EvalError(f"{path}:{r['_line']}: aliases must be a list of strings")
+    aliases = [list(dict.fromkeys([r["answer"]] + list(r.get("aliases", [])))) for r in rows]
+
+    def response(r: dict, answer: str) -> str:
+        return f"{r.get('chain_of_thought', '')}{cot}{answer}" if has_cot else answer
+
+    longest = max(len(tokenizer.encode(response(r, a))) for r, al in zip(rows, aliases) for a in al)
+    max_new = max(1, longest + (10 if cot else 0))
+    if max_seq_len <= max_new:
+        raise EvalError(f"{path}: max_seq_len {max_seq_len} leaves no room for a prompt before {max_new} new tokens")
+    strip = bool(spec.strip_dataset)
+    if strip:
+        rows = [{k: (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
+    if num_fewshot >= len(rows) and num_fewshot > 0:
+        raise EvalError(f"{path}: {spec.label} asks for {num_fewshot} few-shot examples but the file has only "
+                        f"{len(rows)} rows (each example needs {num_fewshot} others)")
+    rng = random.Random(spec.fewshot_random_seed)
+    pre, ex_delim, cont_delim = spec.prelimiter or "", spec.example_delimiter, spec.continuation_delimiter
+    out = []
+    for idx, row in enumerate(rows):
+        preamble = spec.prompt_string or ""
+        for j in fewshot_indices(len(rows), num_fewshot, idx, rng) if num_fewshot > 0 else []:
+            fs = rows[j]
+            preamble += (ex_delim if preamble else "") + pre + fs["context"] + cont_delim + response(fs, fs["answer"])
+        text = (ex_delim if preamble else "") + pre + row["context"] + cont_delim
+        if strip:
+            text = text.rstrip()
+        ids = (tokenizer.encode(preamble) if preamble else []) + tokenizer.encode(text)
+        ids = ids[-(max_seq_len - max_new):]
+        out.append(GenerationExample(row, ids, preamble + text, aliases[idx], row.get("category")))
+    return out, max_new
+
+
+def normalize_answer(text: str) -> str:
+    """Foundry's (SQuAD's) normalisation: underscores to spaces, lower case, punctuation to spaces, articles
+    dropped, whitespace collapsed."""
+    text = text.replace("_", " ").lower()
+    text = "".join(" " if ch in _PUNCTUATION else ch for ch in text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split()).strip()
+
+
+_PUNCTUATION = set(string.punctuation + "\u2018\u2019\u00b4`")
+
+
+def answer_is_correct(output: str, aliases: list[str], stops: list[str] | None, cot_delimiter: str,
+                      normalize: bool) -> bool:
+    """Foundry's InContextLearningGenerationExactMatchAccuracy for one output: cut at the first stop string (the
+    strings joined as a regular expression, as Foundry does), keep what follows the last cot_delimiter, then a
+    prefix match against any alias."""
+    if stops:
+        output = re.split("|".join(stops), output)[0]
+    if cot_delimiter:
+        output = output.split(cot_delimiter)[-1]
+    clean = normalize_answer if normalize else str.strip
+    out = clean(output)
+    return any(out.startswith(clean(a)) for a in aliases)
