@@ -228,3 +228,33 @@ def test_generation_tasks_generate_greedily_with_the_cache_and_stop_at_stop_stri
         assert alone.startswith(r["generation"]) and ("\n" in alone[len(r["generation"]) - 1:] or alone == r["generation"])
     metric = "metrics/qa/1-shot/InContextLearningGenerationExactMatchAccuracy"
     assert result["metrics"][metric] == sum(r["correct"] for r in rows) / 5
+
+
+def test_dbrx_eval_command_reads_a_foundry_yaml_and_writes_results(model, tmp_path, capsys):
+    from dbrx.cli import main
+
+    model.save_pretrained(tmp_path / "ckpt")
+    data = tmp_path / "eval" / "local_data"
+    data.mkdir(parents=True)
+    write_jsonl(data / "mc.jsonl", MC_ROWS)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"icl_tasks": [
+        {"label": "mc", "dataset_uri": "eval/local_data/mc.jsonl", "icl_task_type": "multiple_choice",
+         "num_fewshot": [0]},
+        {"label": "gone", "dataset_uri": "eval/local_data/gone.jsonl", "icl_task_type": "schema",
+         "num_fewshot": [0]}]}))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"max_seq_len": 64, "device_eval_batch_size": 2, "icl_tasks": str(tasks),
+                                   "eval_gauntlet": {"categories": [{"name": "c", "benchmarks": [
+                                       {"name": "gone", "num_fewshot": 0, "random_baseline": 0.5}]}]}}))
+    out = tmp_path / "out"
+    assert main(["eval", str(cfg), f"dataset_root={tmp_path}", "--model", str(tmp_path / "ckpt"), "--out", str(out),
+                 "--dtype", "float32"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert "metrics/mc/0-shot/InContextLearningMultipleChoiceAccuracy" in result["metrics"]
+    assert result["missing_tasks"] == {"gone": "eval/local_data/gone.jsonl"}
+    assert result["gauntlet"]["incomplete"] == {"c": ["gone/0-shot"], "default_average": ["category c"]}
+    printed = capsys.readouterr()
+    assert "gone.jsonl: no such file; skipped" in printed.out + printed.err
+    assert main(["eval", str(cfg), "max_seq_len=0", "--model", str(tmp_path / "ckpt")]) == 2
+    assert "max_seq_len: expected a positive integer" in capsys.readouterr().err

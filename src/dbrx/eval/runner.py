@@ -87,7 +87,6 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
     metrics: dict[str, float] = {}
     sizes: dict[str, int] = {}
     example_rows: list[dict] = []
-    table = []
     t_all = time.perf_counter()
     missing = {spec.label: spec.dataset_uri for spec, path in tasks if path is None}
     for spec, path in tasks:
@@ -115,14 +114,13 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
                 for metric, value in accs.items():
                     metrics[f"metrics/{name}/{metric}"] = value
                 sizes[name] = len(examples)
-                table.append((name, accs[METRIC[spec.icl_task_type]], len(examples), time.perf_counter() - t0))
+                log(f"{name:<48} {accs[METRIC[spec.icl_task_type]]:7.4f}  ({len(examples)} examples, "
+                    f"{time.perf_counter() - t0:.1f} s)")
     result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "missing_tasks": missing,
                               "seconds": time.perf_counter() - t_all}
     if cfg.get("eval_gauntlet") is not None:
         result["gauntlet"] = gauntlet_scores(_section(cfg["eval_gauntlet"], "eval_gauntlet", config_dir), metrics,
                                              sizes)
-    for name, acc, n, seconds in table:
-        log(f"{name:<48} {acc:7.4f}  ({n} examples, {seconds:.1f} s)")
     if result.get("gauntlet"):
         for key, value in result["gauntlet"].items():
             if key.startswith("icl/"):

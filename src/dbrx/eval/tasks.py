@@ -102,12 +102,12 @@ def resolve_uri(uri: str, dataset_root: str | Path | None, where: str) -> Path:
                         "download the file and give its local path")
     path = Path(uri)
     if dataset_root is not None and not path.is_absolute():
-        parts = path.parts
-        for i in range(len(parts)):
-            candidate = Path(dataset_root, *parts[i:])
+        candidates = [Path(dataset_root, *path.parts[i:]) for i in range(len(path.parts))]
+        for candidate in candidates:
             if candidate.exists():
                 return candidate
-        return Path(dataset_root, *parts)
+        # absent: name it where its folder is (for the message)
+        return next((c for c in candidates if c.parent.is_dir()), candidates[0])
     return path
 
 
