@@ -156,6 +156,9 @@ def test_bad_input_names_the_file_line_or_key(tok, tmp_path):
     with pytest.raises(EvalError, match=r"unknown key 'continuation_delimeter'; did you mean 'continuation_delimiter'"):
         parse_task({"label": "g", "dataset_uri": "x", "icl_task_type": "schema", "num_fewshot": [0],
                     "continuation_delimeter": " "}, "icl_tasks[0]")
+    with pytest.raises(EvalError, match=r"icl_tasks\[0\].context_key: 'question' is not supported"):
+        parse_task({"label": "g", "dataset_uri": "x", "icl_task_type": "schema", "num_fewshot": [0],
+                    "context_key": "question"}, "icl_tasks[0]")
     with pytest.raises(EvalError, match=r"unknown task type 'multiple_choise'; did you mean 'multiple_choice'"):
         parse_task({"label": "g", "dataset_uri": "x", "icl_task_type": "multiple_choise", "num_fewshot": [0]}, "t")
     cfg = {"max_seq_len": 64, "device_eval_batch_size": 2,

@@ -43,6 +43,8 @@ TASK_KEYS: dict[str, Any] = {
     "generations_per_sample": 1,
 }
 REQUIRED = ("label", "dataset_uri", "icl_task_type", "num_fewshot")
+NOT_HONOURED = ("metric_names", "hf_loading_vars", "hf_parsing_map", "context_key", "answer_key", "choices_key",
+                "padding_size", "tokenize_labels", "generation_kwargs")
 
 
 class EvalError(ValueError):
@@ -85,6 +87,9 @@ def parse_task(entry: Any, where: str) -> TaskSpec:
     if not isinstance(shots, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
                                               for k in shots):
         raise EvalError(f"{where}.num_fewshot: expected a list of non-negative integers, got {entry['num_fewshot']!r}")
+    for key in NOT_HONOURED:  # keys that would change what is scored: refused rather than ignored
+        if entry.get(key) not in (None, {}, [], TASK_KEYS[key]):
+            raise EvalError(f"{where}.{key}: {entry[key]!r} is not supported by dbrx eval yet; remove it")
     options = {k: v for k, v in entry.items() if k not in REQUIRED}
     if options.get("question_prelimiter") is not None:  # Foundry's legacy name
         if options.get("prelimiter"):
