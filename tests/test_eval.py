@@ -166,6 +166,12 @@ def test_bad_input_names_the_file_line_or_key(tok, tmp_path):
                           "num_fewshot": [0]}]}
     with pytest.raises(EvalError, match=r"needs the network"):
         evaluate(None, tok, cfg, log=lambda *_: None)
+    good = write_jsonl(tmp_path / "good.jsonl", MC_ROWS)
+    bad_gauntlet = {**cfg, "icl_tasks": [{"label": "m", "dataset_uri": str(good), "icl_task_type": "multiple_choice",
+                                          "num_fewshot": [0]}],
+                    "eval_gauntlet": {"categories": [{"name": "c", "benchmarks": [{"name": "m"}]}]}}
+    with pytest.raises(EvalError, match=r"eval_gauntlet.categories\[0\].benchmarks\[0\]: expected name, num_fewshot"):
+        evaluate(None, tok, bad_gauntlet, log=lambda *_: None)  # before any scoring: no model needed
     cfg["icl_tasks"][0]["dataset_uri"] = "eval/local_data/absent.jsonl"
     with pytest.raises(EvalError, match=r"none of the 1 tasks' files exists .*absent.jsonl.*give dataset_root"):
         evaluate(None, tok, cfg, log=lambda *_: None)

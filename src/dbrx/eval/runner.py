@@ -72,6 +72,8 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
         if not path.exists():
             log(f"warning: icl_tasks[{i}] ({spec.label}).dataset_uri: {path}: no such file{hint}; skipped")
         out.append((spec, path if path.exists() else None))
+    if cfg.get("eval_gauntlet") is not None:  # its structure checked now, not after the scoring
+        gauntlet_scores(_section(cfg["eval_gauntlet"], "eval_gauntlet", config_dir), {}, {})
     if all(path is None for _, path in out):
         raise EvalError(f"icl_tasks: none of the {len(out)} tasks' files exists (first: "
                         f"{resolve_uri(out[0][0].dataset_uri, cfg.get('dataset_root'), '')}){hint}")
