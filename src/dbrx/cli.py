@@ -272,9 +272,9 @@ def cmd_eval(args) -> None:
     if model_dir is None:
         raise UserError("no model: give --model DIR or model.pretrained in the YAML")
     args.model = Path(model_dir)
-    check_tasks(cfg, args.config.parent)  # a mistake in the YAML or a missing file, before the model loads
+    tasks = check_tasks(cfg, args.config.parent)  # a mistake in the YAML or a missing file, before the model loads
     model = _load_model(args)
-    evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent)
+    evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks)
     if args.out is not None:
         print(f"results: {args.out / 'results.json'}, per example: {args.out / 'examples.jsonl'}")
 

@@ -81,10 +81,12 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
 
 
 def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Callable[[str], None] = print,
-             config_dir: Path | None = None) -> dict[str, Any]:
+             config_dir: Path | None = None, tasks: list | None = None) -> dict[str, Any]:
     """Run every task of `cfg` on `model`; returns {"metrics": {...}, "gauntlet": {...} | None, ...} and, with
-    `out_dir`, writes results.json and examples.jsonl there (each under a temporary name, then renamed)."""
-    tasks = check_tasks(cfg, config_dir, log=lambda *_: None)  # (the CLI reported missing files before loading)
+    `out_dir`, writes results.json and examples.jsonl there (each under a temporary name, then renamed).
+    `tasks`: check_tasks(cfg)'s result, when the caller has it already."""
+    if tasks is None:
+        tasks = check_tasks(cfg, config_dir, log=log)
     model.eval()
     metrics: dict[str, float] = {}
     sizes: dict[str, int] = {}

@@ -177,25 +177,17 @@ def build_examples(spec: TaskSpec, rows: list[dict], num_fewshot: int, tokenizer
     """Foundry's prompts for one (task, num_fewshot[, category]) dataset of `rows` (already one category's)."""
     kind = spec.icl_task_type
     strip = bool(spec.strip_dataset)
-    if strip:
-        rows = [{k: (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
-    if num_fewshot >= len(rows) and num_fewshot > 0:
-        raise EvalError(f"{path}: {spec.label} asks for {num_fewshot} few-shot examples but the file has only "
-                        f"{len(rows)} rows (each example needs {num_fewshot} others)")
-    rng = random.Random(spec.fewshot_random_seed)
     pre, ex_delim, cont_delim = spec.prelimiter or "", spec.example_delimiter, spec.continuation_delimiter
+
+    def shot(fs: dict, preamble: str) -> str:
+        if kind == "schema":
+            return pre + (ex_delim if preamble else "") + fs["context_options"][fs["gold"]] + cont_delim \
+                + fs["continuation"]
+        answer = fs["choices"][fs["gold"]] if kind == "multiple_choice" else fs["continuation"]
+        return (ex_delim if preamble else "") + pre + fs[_context_key(kind)] + cont_delim + answer
+
     out = []
-    for idx, row in enumerate(rows):
-        shots = fewshot_indices(len(rows), num_fewshot, idx, rng) if num_fewshot > 0 else []
-        preamble = spec.prompt_string or ""
-        for j in shots:
-            fs = rows[j]
-            if kind == "schema":
-                preamble += pre + (ex_delim if preamble else "") + fs["context_options"][fs["gold"]] + cont_delim \
-                    + fs["continuation"]
-            else:
-                answer = fs["choices"][fs["gold"]] if kind == "multiple_choice" else fs["continuation"]
-                preamble += (ex_delim if preamble else "") + pre + fs[_context_key(kind)] + cont_delim + answer
+    for row, preamble in _with_fewshot(spec, rows, num_fewshot, path, shot):
         pre_ids = tokenizer.encode(preamble) if preamble else []
         if kind == "schema":
             cd = cont_delim.rstrip() if strip else cont_delim
@@ -224,6 +216,23 @@ def build_examples(spec: TaskSpec, rows: list[dict], num_fewshot: int, tokenizer
         contexts = [_trim(c, k, max_seq_len, path, row) for c, k in zip(contexts, conts)]
         out.append(Example(row, contexts, conts, gold, ctx_texts, cont_texts, row.get("category")))
     return out
+
+
+def _with_fewshot(spec: TaskSpec, rows: list[dict], num_fewshot: int, path: Path, shot):
+    """(row, preamble) for each row, as Foundry prepares them: top-level strings stripped (strip_dataset), then
+    prompt_string and the few-shot examples (shot(example, text so far) formats one), drawn by one
+    random.Random(fewshot_random_seed) advanced through the rows in order."""
+    if spec.strip_dataset:
+        rows = [{k: (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
+    if num_fewshot >= len(rows) and num_fewshot > 0:
+        raise EvalError(f"{path}: {spec.label} asks for {num_fewshot} few-shot examples but the file has only "
+                        f"{len(rows)} rows (each example needs {num_fewshot} others)")
+    rng = random.Random(spec.fewshot_random_seed)
+    for idx, row in enumerate(rows):
+        preamble = spec.prompt_string or ""
+        for j in fewshot_indices(len(rows), num_fewshot, idx, rng) if num_fewshot > 0 else []:
+            preamble += shot(rows[j], preamble)
+        yield row, preamble
 
 
 def _context_key(kind: str) -> str:
@@ -277,19 +286,13 @@ def build_generation_examples(spec: TaskSpec, rows: list[dict], num_fewshot: int
     if max_seq_len <= max_new:
         raise EvalError(f"{path}: max_seq_len {max_seq_len} leaves no room for a prompt before {max_new} new tokens")
     strip = bool(spec.strip_dataset)
-    if strip:
-        rows = [{k: (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
-    if num_fewshot >= len(rows) and num_fewshot > 0:
-        raise EvalError(f"{path}: {spec.label} asks for {num_fewshot} few-shot examples but the file has only "
-                        f"{len(rows)} rows (each example needs {num_fewshot} others)")
-    rng = random.Random(spec.fewshot_random_seed)
     pre, ex_delim, cont_delim = spec.prelimiter or "", spec.example_delimiter, spec.continuation_delimiter
+
+    def shot(fs: dict, preamble: str) -> str:
+        return (ex_delim if preamble else "") + pre + fs["context"] + cont_delim + response(fs, fs["answer"])
+
     out = []
-    for idx, row in enumerate(rows):
-        preamble = spec.prompt_string or ""
-        for j in fewshot_indices(len(rows), num_fewshot, idx, rng) if num_fewshot > 0 else []:
-            fs = rows[j]
-            preamble += (ex_delim if preamble else "") + pre + fs["context"] + cont_delim + response(fs, fs["answer"])
+    for idx, (row, preamble) in enumerate(_with_fewshot(spec, rows, num_fewshot, path, shot)):
         text = (ex_delim if preamble else "") + pre + row["context"] + cont_delim
         if strip:
             text = text.rstrip()
