@@ -10,7 +10,9 @@ import yaml
 
 from dbrx import DbrxForCausalLM
 from dbrx.config import DbrxConfig
-from dbrx.eval import EvalError, build_examples, evaluate, gauntlet_scores, parse_task, score_pairs
+from dbrx.eval import (EvalError, build_examples, evaluate, gauntlet_scores, parse_task, score_groups,
+                       score_pairs)
+from dbrx.eval.scoring import _pack, _rows
 from dbrx.eval.tasks import GENERATION_TYPES, REQUIRED_FIELDS, build_generation_examples, read_rows
 from dbrx.tokenizer import Tokenizer
 
@@ -53,6 +55,28 @@ def test_scores_are_the_log_probabilities_of_a_plain_forward_and_do_not_depend_o
         assert abs(s.logprob - expected) < 1e-4 and s.tokens == len(cont) and s.greedy == greedy
     one = score_pairs(model, pairs, batch_size=1)
     assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(one, scores))
+
+
+def test_a_shared_context_runs_once_for_all_choices_with_the_scores_of_each_pair_alone(model, tok):
+    ctx = tok.encode("Question: which animal says moo? Answer:")
+    groups = [[(ctx, tok.encode(" cow")), (ctx, tok.encode(" a large cat")), (ctx, tok.encode(" cow bells"))],
+              [(tok.encode("x = 1"), tok.encode("\ny = 2"))],  # one pair: a plain causal row
+              # schema: contexts differ after a shared start, the continuation is shared
+              [(tok.encode("The trophy did not fit because the trophy"), tok.encode(" was too big")),
+               (tok.encode("The trophy did not fit because the suitcase"), tok.encode(" was too big"))],
+              [(ctx, tok.encode(" cow")), (ctx, tok.encode(" cow"))],  # identical choices
+              # contexts cut from the left to different lengths (max_seq_len): nothing shared, each pair alone
+              [(ctx[1:], tok.encode(" cow")), (ctx[3:], tok.encode(" a large cat"))]]
+    alone = score_pairs(model, [p for g in groups for p in g], batch_size=1)
+    for batch in (1, 8):
+        got = [s for g in score_groups(model, groups, batch_size=batch) for s in g]
+        assert [s.tokens for s in got] == [s.tokens for s in alone]
+        assert all(a.greedy == b.greedy for a, b in zip(got, alone))
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(got, alone)) < 1e-5
+    assert [len(seqs) for g, seqs, _ in _rows(groups) if g == len(groups) - 1] == [1, 1]
+    row = _pack(groups[0])  # the context once, then each choice's tokens
+    assert row.ids == ctx + [t for _, cont in groups[0] for t in cont] and row.prefix == len(ctx)
+    assert row.positions[len(ctx):] == [len(ctx) + i for _, c in groups[0] for i in range(len(c))]
 
 
 def test_foundry_prompts_fewshot_and_spaces(tok, tmp_path):

@@ -298,12 +298,19 @@ class DbrxForCausalLM(nn.Module):
 
         sequence_id [B, T] (LLM Foundry's name) marks packed rows: each token's document index in its row, -1
         for padding. Attention then stays inside each document and positions restart at each document's
-        start, so a packed example computes exactly what it would alone."""
+        start, so a packed example computes exactly what it would alone.
+
+        attention_mask may also be a boolean [B, 1, T, T] (transformers' custom 4-D mask: query i sees key j where
+        True) given with position_ids: scoring runs one shared context and all its continuations in one row."""
         B, T = input_ids.shape
         cfg = self.config
-        if start_pos + T > cfg.max_seq_len:
+        custom = attention_mask is not None and attention_mask.ndim == 4
+        if custom and (position_ids is None or cache is not None or start_pos or sequence_id is not None):
+            raise ValueError("a 4-D attention_mask needs position_ids, and no cache, start_pos or sequence_id")
+        longest = int(position_ids.max()) + 1 if custom else start_pos + T
+        if longest > cfg.max_seq_len:
             raise ValueError(
-                f"sequence of {start_pos + T} tokens is longer than the model's max_seq_len ({cfg.max_seq_len})"
+                f"sequence of {longest} tokens is longer than the model's max_seq_len ({cfg.max_seq_len})"
             )
         x_BTD = F.dropout(self.transformer.wte(input_ids), cfg.emb_pdrop, self.training)
         if sequence_id is not None:
@@ -319,7 +326,9 @@ class DbrxForCausalLM(nn.Module):
                 position_ids = torch.arange(start_pos, start_pos + T, device=input_ids.device)[None].expand(B, T)
         cos_sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.attn_config.rope_theta, x_BTD.dtype)
         mask = None
-        if sequence_id is not None:
+        if custom:
+            mask = attention_mask.bool()
+        elif sequence_id is not None:
             mask = document_mask(sequence_id)
         elif attention_mask is not None and not bool(attention_mask.all()):
             mask = causal_mask(attention_mask, start_pos, T, input_ids.device)

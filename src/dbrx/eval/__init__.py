@@ -6,7 +6,7 @@ a missing benchmark is reported as incomplete)."""
 
 from dbrx.eval.gauntlet import gauntlet_scores
 from dbrx.eval.runner import check_tasks, evaluate
-from dbrx.eval.scoring import Score, score_pairs
+from dbrx.eval.scoring import Score, score_groups, score_pairs
 from dbrx.eval.tasks import EvalError, build_examples, parse_task
 
-__all__ = ["EvalError", "Score", "build_examples", "check_tasks", "evaluate", "gauntlet_scores", "parse_task", "score_pairs"]
+__all__ = ["EvalError", "Score", "build_examples", "check_tasks", "evaluate", "gauntlet_scores", "parse_task", "score_groups", "score_pairs"]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import yaml
 
 from dbrx.eval.gauntlet import gauntlet_scores
-from dbrx.eval.scoring import generate_texts, score_pairs
+from dbrx.eval.scoring import generate_texts, score_groups
 from dbrx.eval.tasks import (GENERATION_TYPES, METRIC, REQUIRED_FIELDS, SCORED_TYPES, EvalError, Example,
                              GenerationExample, TaskSpec, answer_is_correct, build_examples,
                              build_generation_examples, parse_task, read_rows, resolve_uri)
@@ -152,15 +152,10 @@ def _subset(examples: list, num_batches, batch: int, is_category: bool) -> list[
 
 
 def _score(model, spec: TaskSpec, examples: list[Example], batch: int, sink: list[dict], k: int) -> dict[str, float]:
-    pairs = [(c, t) for ex in examples for c, t in zip(ex.contexts, ex.continuations)]
-    # per batch of `batch` questions' worth of pairs (a multiple-choice question brings all its choices)
-    per_pair = max(1, batch * (len(pairs) // max(1, len(examples))))
-    scores = score_pairs(model, pairs, per_pair)
-    at = 0
+    # one row per question: its shared context once, then each choice
+    groups = [list(zip(ex.contexts, ex.continuations)) for ex in examples]
     correct = acc = acc_norm = 0
-    for ex in examples:
-        s = scores[at:at + len(ex.continuations)]
-        at += len(ex.continuations)
+    for ex, s in zip(examples, score_groups(model, groups, batch)):
         row = {"task": spec.label, "num_fewshot": k, "line": ex.row["_line"], "prompt": ex.context_text[0],
                "continuations": ex.continuation_text, "logprobs": [x.logprob for x in s],
                "tokens": [x.tokens for x in s]}
