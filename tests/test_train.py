@@ -385,3 +385,32 @@ def test_an_amp_bf16_run_on_tiny_shapes(data, tmp_path):
     assert np.isfinite(summary["loss"]) and summary["loss"] < first
     assert any("precision amp_bf16" in line for line in logs)
 
+
+
+def test_icl_tasks_run_at_eval_interval_into_metrics_and_tensorboard(data, tmp_path):
+    """Foundry's icl_tasks in a training YAML: scored at every evaluation (Foundry's metric names), logged to
+    metrics.jsonl and TensorBoard; a mistake in them stops the run before it starts."""
+    rows = [{"query": f"Item {i}: pick one.", "choices": ["red", "green blue"], "gold": i % 2} for i in range(6)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = [{"label": "colors", "dataset_uri": str(tmp_path / "mc.jsonl"), "icl_task_type": "multiple_choice",
+              "num_fewshot": [0, 1]}]
+    gauntlet = {"weighting": "EQUAL", "subtract_random_baseline": True, "rescale_accuracy": True,
+                "categories": [{"name": "toy", "benchmarks": [{"name": "colors", "num_fewshot": 1,
+                                                               "random_baseline": 0.5}]}]}
+    model = dict(TINY_MODEL, vocab_size=100352)  # the eval prompts are cl100k text
+    save = tmp_path / "run"
+    cfg = run_config(data, save, model=model, max_duration="4ba", save_interval="4ba", eval_interval="2ba",
+                     icl_tasks=tasks, eval_gauntlet=gauntlet, loggers={"tensorboard": {}})
+    Trainer(load_config(None, base=cfg), log=lambda *_: None).fit()
+    logged = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    icl = [r for r in logged if "metrics/colors/0-shot/InContextLearningMultipleChoiceAccuracy" in r]
+    assert [r["step"] for r in icl] == [2, 4]
+    assert {"metrics/colors/1-shot/InContextLearningMultipleChoiceAccuracy", "metrics/colors/0-shot/lm_eval_acc",
+            "icl/metrics/eval_gauntlet/toy", "icl/metrics/eval_gauntlet/default_average"} <= set(icl[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("icl/metrics/eval_gauntlet/default_average")] == [2, 4]
+    with pytest.raises(ConfigError, match="mc.jsonl:1"):  # a malformed task file: named before training
+        (tmp_path / "mc.jsonl").write_text("{not json\n")
+        Trainer(load_config(None, base=cfg), log=lambda *_: None)

@@ -71,6 +71,11 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
         hint = "" if cfg.get("dataset_root") else " (a relative path from Foundry's YAMLs? give dataset_root=DIR)"
         if not path.exists():
             log(f"warning: icl_tasks[{i}] ({spec.label}).dataset_uri: {path}: no such file{hint}; skipped")
+        else:  # every row read now: a malformed line stops the run before any task is scored
+            rows = read_rows(path, _required(spec))
+            if max(spec.num_fewshot) >= len(rows) and max(spec.num_fewshot) > 0:
+                raise EvalError(f"{path}: {spec.label} asks for {max(spec.num_fewshot)} few-shot examples but "
+                                f"the file has only {len(rows)} rows (each example needs that many others)")
         out.append((spec, path if path.exists() else None))
     if cfg.get("eval_gauntlet") is not None:  # its structure checked now, not after the scoring
         gauntlet_scores(_section(cfg["eval_gauntlet"], "eval_gauntlet", config_dir), {}, {})
@@ -87,6 +92,9 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
     `tasks`: check_tasks(cfg)'s result, when the caller has it already."""
     if tasks is None:
         tasks = check_tasks(cfg, config_dir, log=log)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise EvalError(f"the model's vocabulary has {model.config.vocab_size} ids, fewer than the tokenizer's "
+                        f"{tokenizer.vocab_size}: the prompts are DBRX-tokenizer text")
     model.eval()
     metrics: dict[str, float] = {}
     sizes: dict[str, int] = {}
@@ -96,7 +104,7 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
     for spec, path in tasks:
         if path is None:
             continue
-        rows = read_rows(path, REQUIRED_FIELDS[spec.icl_task_type] + (("category",) if spec.has_categories else ()))
+        rows = read_rows(path, _required(spec))
         groups = {None: rows}
         if spec.has_categories:
             groups = {c: [r for r in rows if r["category"] == c] for c in sorted({r["category"] for r in rows})}
@@ -139,6 +147,10 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
         with atomic_path(out_dir / "examples.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in example_rows))
     return result
+
+
+def _required(spec: TaskSpec) -> tuple[str, ...]:
+    return REQUIRED_FIELDS[spec.icl_task_type] + (("category",) if spec.has_categories else ())
 
 
 def _subset(examples: list, num_batches, batch: int, is_category: bool) -> list[Example]:

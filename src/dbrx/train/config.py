@@ -44,6 +44,12 @@ SCHEMA: dict[str, Any] = {
     "eval_interval": "time",
     "eval_first": "bool",
     "eval_subset_num_batches": "int",
+    # in-context-learning evaluation at eval_interval (dbrx.eval; LLM Foundry's keys, plus our dataset_root)
+    "icl_tasks": "section",
+    "eval_gauntlet": "section",
+    "icl_subset_num_batches": "int",
+    "icl_seq_len": "int",
+    "dataset_root": "path",
     "save_interval": "time",
     "save_folder": "path",
     "save_num_checkpoints_to_keep": "int",
@@ -180,6 +186,9 @@ def _check_value(value: Any, spec: Any, path: str) -> None:
     elif spec == "dict":
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+    elif spec == "section":  # inline, or a path to a YAML file holding it (checked by dbrx.eval)
+        if not isinstance(value, (list, dict, str)):
+            raise ConfigError(f"{path}: expected a list, a mapping or a path to a YAML file, got {value!r}")
 
 
 def _merge(base: dict, extra: dict) -> dict:

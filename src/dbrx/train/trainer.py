@@ -254,6 +254,7 @@ class Trainer:
         self.finetuning = (cfg["train_loader"].get("name") or "text") == "finetuning"
         self.loader = self._build_finetuning_loader() if self.finetuning else self._build_loader()
         self.eval_reader = self._build_eval_reader()
+        self.icl = self._check_icl_tasks()
 
         self.per_epoch = (self.loader.batches_per_epoch() if self.finetuning
                           else batches_per_epoch(self.loader.phases, self.batch_size))
@@ -443,6 +444,41 @@ class Trainer:
         if len(streams) != 1:
             raise ConfigError("eval_loader.dataset: give one dataset (local/remote/split), not streams")
         return streams[0].reader
+
+    def _check_icl_tasks(self):
+        """icl_tasks (dbrx.eval, Foundry's keys): parsed and their files found before training starts."""
+        if not self.cfg.get("icl_tasks"):
+            return None
+        from dbrx.eval import EvalError, check_tasks
+
+        self.icl_cfg = {"icl_tasks": self.cfg["icl_tasks"], "eval_gauntlet": self.cfg.get("eval_gauntlet"),
+                        "max_seq_len": self.cfg.get("icl_seq_len") or self.seq_len,
+                        "device_eval_batch_size": self.cfg["device_eval_batch_size"],
+                        "icl_subset_num_batches": self.cfg.get("icl_subset_num_batches"),
+                        "dataset_root": self.cfg.get("dataset_root"), "seed": self.cfg["seed"]}
+        try:
+            return check_tasks(self.icl_cfg, log=self.log)
+        except EvalError as e:
+            raise ConfigError(f"icl_tasks: {e}") from None
+
+    def _evaluate_icl(self) -> dict[str, float]:
+        """Every icl_task on the model being trained (each rank runs the same forwards, as sharded models
+        need): Foundry's metric names, and the Gauntlet's icl/metrics/eval_gauntlet/* where one is given."""
+        from dbrx.eval import evaluate
+        from dbrx.tokenizer import Tokenizer
+
+        quiet = lambda *a, **k: None  # noqa: E731 (the summary line is the trainer's)
+        with self._autocast():
+            result = evaluate(self.model, Tokenizer(), self.icl_cfg, log=quiet, tasks=self.icl)
+        self.model.train()
+        scores = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+        scores.update({k: v for k, v in (result.get("gauntlet") or {}).items()
+                       if k.startswith("icl/") and isinstance(v, (int, float))})
+        return scores
+
+    @property
+    def has_evaluation(self) -> bool:
+        return self.eval_reader is not None or self.icl is not None
 
     def _tensorboard(self):
         tb = (self.cfg.get("loggers") or {}).get("tensorboard")
@@ -825,7 +861,7 @@ class Trainer:
         sized = self.max_steps is not None
 
         def eval_every(total: int) -> int | None:
-            if self.eval_reader is None:
+            if not self.has_evaluation:
                 return None
             return self.eval_every if sized else self.intervals_for(total)[0]
 
@@ -957,8 +993,8 @@ class Trainer:
                           f"min {row['expert_share_min']:.1%}")
                 window_t, window_tokens = time.perf_counter(), 0
             paused = time.perf_counter()
-            if self.eval_reader is not None and (self.eval_every and self.step % self.eval_every == 0
-                                                 or self.step == self.max_steps):
+            if self.has_evaluation and (self.eval_every and self.step % self.eval_every == 0
+                                        or self.step == self.max_steps):
                 self._eval_and_record(write)
                 self._eval_s = time.perf_counter() - paused  # what the budget plans with from now on
             if self.save_folder and self.save_every and (self.step % self.save_every == 0
@@ -984,8 +1020,15 @@ class Trainer:
     def _eval_and_record(self, write=None) -> None:
         t0 = time.perf_counter()
         loss = self.evaluate()
-        if loss is None:
-            return
-        self._record({"step": self.step, "tokens": self.loader.state["tokens"], "eval_loss": loss})
-        (write or self.log)(f"eval at step {self.step}: held-out loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)")
+        if loss is not None:
+            self._record({"step": self.step, "tokens": self.loader.state["tokens"], "eval_loss": loss})
+            (write or self.log)(f"eval at step {self.step}: held-out loss {loss:.4f} "
+                                f"({time.perf_counter() - t0:.1f} s)")
+        if self.icl is not None:
+            t1 = time.perf_counter()
+            scores = self._evaluate_icl()
+            self._record({"step": self.step, "tokens": self.loader.state["tokens"], **scores})
+            shown = {k.removeprefix("metrics/"): v for k, v in scores.items() if "/lm_eval_" not in k}
+            (write or self.log)(f"icl at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                                + f" ({time.perf_counter() - t1:.1f} s)")
         self.plot()
