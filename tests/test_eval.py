@@ -291,3 +291,55 @@ def test_dbrx_eval_command_reads_a_foundry_yaml_and_writes_results(model, tmp_pa
     assert "gone.jsonl: no such file; skipped" in printed.out + printed.err
     assert main(["eval", str(cfg), "max_seq_len=0", "--model", str(tmp_path / "ckpt")]) == 2
     assert "max_seq_len: expected a positive integer" in capsys.readouterr().err
+
+
+def test_numeric_answers_are_extracted_strictly_and_flexibly():
+    from dbrx.eval.tasks import flexible_number, numeric_answers, strict_number
+
+    gold = numeric_answers(["18"])
+    marker, stops = "The answer is ", ["\n\n", "Question:"]
+    follows = "She sells 16 - 3 - 4 = 9 eggs and makes 9 * 2 = $18. The answer is 18."
+    assert strict_number(follows, stops, marker) in gold and flexible_number(follows, stops) in gold
+    loose = "9 * 2 = 18 dollars a day"  # right number, not in the taught format: flexible only
+    assert strict_number(loose, stops, marker) is None and flexible_number(loose, stops) in gold
+    assert flexible_number("It is $1,018.", stops) in numeric_answers(["1018"])
+    assert strict_number("#### 18", None, "#### ") in gold  # lm-eval's marker when the task has no cot_delimiter
+    assert flexible_number("18 apples\n\nQuestion: 7 more", stops) in gold  # cut at the first stop string
+    assert numeric_answers(["18", "eighteen"]) == []
+
+
+def test_chat_prompts_keep_the_template_and_stop_at_dbrx_stop_ids(model, tok, tmp_path, monkeypatch):
+    import dbrx.eval.runner as runner
+
+    rows = [{"context": f"Q: {i} + {i} =", "answer": str(2 * i)} for i in range(1, 5)]
+    gen = write_jsonl(tmp_path / "arith.jsonl", rows)
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new, batch, stops, stop_ids):
+        seen.update(prompts=prompts, stop_ids=stop_ids)
+        return [f"Let me see. {2 * i} is it" for i in range(1, 5)]
+
+    monkeypatch.setattr(runner, "generate_texts", fake_generate)
+    cfg = {"icl_tasks": [{"label": "arith", "dataset_uri": str(gen), "icl_task_type": "generation_task_with_answers",
+                          "num_fewshot": [1]},
+                         {"label": "mc", "dataset_uri": str(mc), "icl_task_type": "multiple_choice",
+                          "num_fewshot": [0]}],
+           "max_seq_len": 256, "device_eval_batch_size": 2}
+    result = evaluate(model, tok, cfg, out_dir=tmp_path / "out", log=lambda *_: None, chat=True)
+    assert seen["stop_ids"] == tok.stop_token_ids
+    text = tok.decode(seen["prompts"][0])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    m = result["metrics"]
+    assert m["metrics/arith/1-shot/InContextLearningGenerationExactMatchAccuracy"] == 0  # Foundry: a prefix match
+    assert m["metrics/arith/1-shot/flexible_extract"] == 1 and m["metrics/arith/1-shot/strict_match"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+    mc_row = next(r for r in rows if r["task"] == "mc")
+    assert mc_row["continuations"] == ["alpha", "beta", "gamma"]  # the assistant's reply: no leading space
+    assert "metrics/mc/0-shot/strict_match" not in m
+    # a prompt too long for max_seq_len loses the start of the user's text, never the template
+    from dbrx.eval.tasks import chat_prompt
+
+    ids = chat_prompt(tok, "word " * 800, 400)  # the default system prompt alone is over 200 tokens
+    assert len(ids) <= 400 and tok.decode(ids).startswith("<|im_start|>system\n")
+    assert tok.decode(ids).endswith("word word <|im_end|>\n<|im_start|>assistant\n")  # the end of the text kept

@@ -15,7 +15,8 @@ from dbrx.eval.gauntlet import gauntlet_scores
 from dbrx.eval.scoring import generate_texts, score_groups
 from dbrx.eval.tasks import (GENERATION_TYPES, METRIC, REQUIRED_FIELDS, SCORED_TYPES, EvalError, Example,
                              GenerationExample, TaskSpec, answer_is_correct, build_examples,
-                             build_generation_examples, parse_task, read_rows, resolve_uri)
+                             build_generation_examples, chat_examples, chat_generation_examples,
+                             flexible_number, numeric_answers, parse_task, read_rows, resolve_uri, strict_number)
 from dbrx.fileio import atomic_path, atomic_write_text
 
 # Foundry's top-level eval keys (llmfoundry EvalConfig); `dataset_root` is ours: where relative dataset_uris live.
@@ -86,10 +87,11 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
 
 
 def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Callable[[str], None] = print,
-             config_dir: Path | None = None, tasks: list | None = None) -> dict[str, Any]:
+             config_dir: Path | None = None, tasks: list | None = None, chat: bool = False) -> dict[str, Any]:
     """Run every task of `cfg` on `model`; returns {"metrics": {...}, "gauntlet": {...} | None, ...} and, with
     `out_dir`, writes results.json and examples.jsonl there (each under a temporary name, then renamed).
-    `tasks`: check_tasks(cfg)'s result, when the caller has it already."""
+    `tasks`: check_tasks(cfg)'s result, when the caller has it already. `chat`: for instruct models, each prompt
+    is the user's turn of DBRX's chat template and generation stops at DBRX's stop ids."""
     if tasks is None:
         tasks = check_tasks(cfg, config_dir, log=log)
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -117,10 +119,14 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
                 if spec.icl_task_type in GENERATION_TYPES:
                     examples, max_new = build_generation_examples(spec, group, k, tokenizer, max_len, path)
                     examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
-                    accs = _generate(model, tokenizer, spec, examples, max_new, batch, example_rows, k)
+                    if chat:
+                        examples = chat_generation_examples(examples, tokenizer, max_len, max_new)
+                    accs = _generate(model, tokenizer, spec, examples, max_new, batch, example_rows, k, chat)
                 else:
                     examples = build_examples(spec, group, k, tokenizer, max_len, path)
                     examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
+                    if chat:
+                        examples = chat_examples(examples, tokenizer, max_len)
                     accs = _score(model, spec, examples, batch, example_rows, k)
                 name = f"{spec.label}/{k}-shot" + (f"/{category}" if category is not None else "")
                 for metric, value in accs.items():
@@ -128,7 +134,7 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
                 sizes[name] = len(examples)
                 log(f"{name:<48} {accs[METRIC[spec.icl_task_type]]:7.4f}  ({len(examples)} examples, "
                     f"{time.perf_counter() - t0:.1f} s)")
-    result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "missing_tasks": missing,
+    result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "missing_tasks": missing, "chat": chat,
                               "seconds": time.perf_counter() - t_all}
     if cfg.get("eval_gauntlet") is not None:
         result["gauntlet"] = gauntlet_scores(_section(cfg["eval_gauntlet"], "eval_gauntlet", config_dir), metrics,
@@ -194,17 +200,30 @@ def _score(model, spec: TaskSpec, examples: list[Example], batch: int, sink: lis
 
 
 def _generate(model, tokenizer, spec: TaskSpec, examples: list[GenerationExample], max_new: int, batch: int,
-              sink: list[dict], k: int) -> dict[str, float]:
+              sink: list[dict], k: int, chat: bool = False) -> dict[str, float]:
+    """Foundry's exact-match accuracy; where every answer is a number (GSM8K, SVAMP), also the number extracted
+    strictly (right after the answer marker the prompt teaches) and flexibly (the last number in the output)."""
     stops = spec.early_stopping_criteria or []
-    eos = [tokenizer.eos_token_id]
-    outputs = generate_texts(model, tokenizer, [ex.context for ex in examples], max_new, batch, stops, eos)
-    correct = 0
+    stop_ids = tokenizer.stop_token_ids if chat else [tokenizer.eos_token_id]
+    outputs = generate_texts(model, tokenizer, [ex.context for ex in examples], max_new, batch, stops, stop_ids)
+    numeric = all(numeric_answers(ex.aliases) for ex in examples)
+    marker = spec.cot_delimiter or "#### "
+    correct = strict = flexible = 0
     for ex, output in zip(examples, outputs):
         ok = answer_is_correct(output, ex.aliases, stops, spec.cot_delimiter or "", bool(spec.do_normalization))
         correct += ok
         row = {"task": spec.label, "num_fewshot": k, "line": ex.row["_line"], "prompt": ex.context_text,
                "generation": output, "answers": ex.aliases, "correct": ok}
+        if numeric:
+            golds = numeric_answers(ex.aliases)
+            row["strict_match"] = strict_number(output, stops, marker) in golds
+            row["flexible_extract"] = flexible_number(output, stops) in golds
+            strict, flexible = strict + row["strict_match"], flexible + row["flexible_extract"]
         if ex.category is not None:
             row["category"] = ex.category
         sink.append(row)
-    return {METRIC[spec.icl_task_type]: correct / max(1, len(examples))}
+    n = max(1, len(examples))
+    out = {METRIC[spec.icl_task_type]: correct / n}
+    if numeric:
+        out["strict_match"], out["flexible_extract"] = strict / n, flexible / n
+    return out

@@ -314,15 +314,85 @@ def normalize_answer(text: str) -> str:
 _PUNCTUATION = set(string.punctuation + "\u2018\u2019\u00b4`")
 
 
+def cut_at_stops(output: str, stops: list[str] | None) -> str:
+    """The output up to its first stop string (the strings joined as one regular expression, as Foundry does)."""
+    return re.split("|".join(stops), output)[0] if stops else output
+
+
 def answer_is_correct(output: str, aliases: list[str], stops: list[str] | None, cot_delimiter: str,
                       normalize: bool) -> bool:
     """Foundry's InContextLearningGenerationExactMatchAccuracy for one output: cut at the first stop string (the
     strings joined as a regular expression, as Foundry does), keep what follows the last cot_delimiter, then a
     prefix match against any alias."""
-    if stops:
-        output = re.split("|".join(stops), output)[0]
+    output = cut_at_stops(output, stops)
     if cot_delimiter:
         output = output.split(cot_delimiter)[-1]
     clean = normalize_answer if normalize else str.strip
     out = clean(output)
     return any(out.startswith(clean(a)) for a in aliases)
+
+
+# ---- instruct models (--chat) ---------------------------------------------------------------------------------
+def chat_prompt(tokenizer, text: str, budget: int) -> list[int]:
+    """`text` as one user turn of DBRX's chat template (default system prompt), ending with the assistant's
+    header; a prompt over `budget` tokens loses the start of the user's text, never the template."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    while len(ids) > budget:
+        user = tokenizer.encode(text)
+        if len(ids) - budget >= len(user):
+            raise EvalError(f"the chat template alone ({len(ids) - len(user)} tokens) leaves no room in "
+                            f"{budget} tokens")
+        text = tokenizer.decode(user[len(ids) - budget:])
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return ids
+
+
+def chat_examples(examples: list[Example], tokenizer, max_seq_len: int) -> list[Example]:
+    """Log-likelihood examples for an instruct model: each context (few-shot examples included) as the user's
+    turn, each continuation as the start of the assistant's reply (without Foundry's leading space)."""
+    out = []
+    for ex in examples:
+        texts = [t.lstrip(" ") for t in ex.continuation_text]
+        conts = [tokenizer.encode(t) for t in texts]
+        contexts = [chat_prompt(tokenizer, c, max_seq_len - len(t)) for c, t in zip(ex.context_text, conts)]
+        out.append(Example(ex.row, contexts, conts, ex.gold, ex.context_text, texts, ex.category))
+    return out
+
+
+def chat_generation_examples(examples: list[GenerationExample], tokenizer, max_seq_len: int,
+                             max_new: int) -> list[GenerationExample]:
+    return [GenerationExample(ex.row, chat_prompt(tokenizer, ex.context_text, max_seq_len - max_new),
+                              ex.context_text, ex.aliases, ex.category) for ex in examples]
+
+
+# ---- numeric answers (GSM8K-style), strict and flexible -----------------------------------------------------
+_NUMBER = re.compile(r"-?[$0-9.,]{2,}|-?[0-9]+")  # lm-eval's flexible-extract pattern
+
+
+def _as_number(text: str):
+    from decimal import Decimal, InvalidOperation
+
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return None
+
+
+def numeric_answers(aliases: list[str]) -> list:
+    """The answers as numbers, or [] when one of them is not a number."""
+    numbers = [_as_number(a) for a in aliases]
+    return [] if any(n is None for n in numbers) else numbers
+
+
+def strict_number(output: str, stops: list[str] | None, marker: str):
+    """The number right after the answer marker the prompt teaches (Foundry's cot_delimiter, 'The answer is ';
+    lm-eval's '#### ' when there is none), first occurrence; None when the output does not follow the format."""
+    m = re.search(re.escape(marker) + r"\s*(-?[$0-9.,]+)", cut_at_stops(output, stops))
+    return _as_number(m.group(1)) if m else None
+
+
+def flexible_number(output: str, stops: list[str] | None):
+    """The last number anywhere in the output (lm-eval's flexible-extract)."""
+    found = _NUMBER.findall(cut_at_stops(output, stops))
+    return _as_number(found[-1]) if found else None
