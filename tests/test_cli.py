@@ -84,10 +84,16 @@ def test_chat_keeps_history_and_system_prompt(capsys, small_model, monkeypatch):
     assert seen[1][0]["content"] == "Be brief." and seen[1][3]["content"] == "again"
 
 
-def test_a_model_too_big_for_memory_is_refused_before_loading(capsys, small_model, monkeypatch):
+@pytest.mark.parametrize("verb", ["generate", "eval"])
+def test_a_model_too_big_for_memory_is_refused_before_loading(capsys, small_model, monkeypatch, tmp_path, verb):
     monkeypatch.setattr(cli, "available_memory_bytes", lambda: 1000)
     monkeypatch.setattr(DbrxForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("must not load"))
-    code, _, err = run(capsys, "generate", "--model", str(small_model), "hi")
+    (tmp_path / "lm.jsonl").write_text('{"context": "a b", "continuation": "c"}\n')
+    (tmp_path / "eval.yaml").write_text(
+        f"max_seq_len: 64\ndevice_eval_batch_size: 2\nicl_tasks:\n- label: lm\n  dataset_uri: {tmp_path / 'lm.jsonl'}\n"
+        "  icl_task_type: language_modeling\n  num_fewshot: [0]\n")
+    args = ["hi"] if verb == "generate" else [str(tmp_path / "eval.yaml")]
+    code, _, err = run(capsys, verb, "--model", str(small_model), *args)
     assert code == 2 and "GiB for its weights" in err and "refusing" in err
 
 
