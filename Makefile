@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/moe.py --dtype bfloat16
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/eval.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
