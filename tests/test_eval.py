@@ -75,8 +75,9 @@ def test_a_shared_context_runs_once_for_all_choices_with_the_scores_of_each_pair
         assert max(abs(a.logprob - b.logprob) for a, b in zip(got, alone)) < 1e-5
     assert [len(seqs) for g, seqs, _ in _rows(groups) if g == len(groups) - 1] == [1, 1]
     row = _pack(groups[0])  # the context once, then each choice's tokens
-    assert row.ids == ctx + [t for _, cont in groups[0] for t in cont] and row.prefix == len(ctx)
-    assert row.positions[len(ctx):] == [len(ctx) + i for _, c in groups[0] for i in range(len(c))]
+    # (a continuation's last token is only a target: never fed)
+    assert row.ids == ctx + [t for _, cont in groups[0] for t in cont[:-1]] and row.prefix == len(ctx)
+    assert row.positions[len(ctx):] == [len(ctx) + i for _, c in groups[0] for i in range(len(c) - 1)]
 
 
 def test_foundry_prompts_fewshot_and_spaces(tok, tmp_path):

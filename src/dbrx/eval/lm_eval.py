@@ -117,7 +117,7 @@ class DbrxLM(LM):
         for i, (ctx, _) in enumerate(fitted):
             groups.setdefault(tuple(ctx), []).append(i)
         members = list(groups.values())
-        with tqdm(total=len(members), desc=desc, disable=disable_tqdm) as bar, _one_position_more(self.model):
+        with tqdm(total=len(members), desc=desc, disable=disable_tqdm) as bar:
             scores = score_groups(self.model, [[fitted[i] for i in m] for m in members], self.batch_size, bar.update)
         out = [None] * len(pairs)
         for m, group_scores in zip(members, scores):
@@ -256,18 +256,6 @@ def _cut_at_stops(text: str, stops: list[str]) -> str:
         if stop:
             text = text.split(stop)[0]
     return text
-
-
-@contextmanager
-def _one_position_more(model):
-    """score_groups feeds a pair's last token too, though it only predicts, so it would refuse lm-eval's full
-    window of max_length + 1 tokens. That extra token is harmless: positions are rotary (no table to overrun), its
-    output is never read, and causal attention keeps it out of every scored position."""
-    model.config.max_seq_len += 1
-    try:
-        yield
-    finally:
-        model.config.max_seq_len -= 1
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class _Packed:
 
 
 def _pack(group: list[Pair]) -> _Packed:
-    seqs = [ctx + cont for ctx, cont in group]
+    seqs = [ctx + cont[:-1] for ctx, cont in group]  # a continuation's last token is only predicted, never read
     prefix = min(len(s) for s in seqs)
     for s in seqs[1:]:
         prefix = next((i for i in range(prefix) if s[i] != seqs[0][i]), prefix)
@@ -62,7 +62,7 @@ def _rows(groups: list[list[Pair]]) -> list[tuple[int, list[int], _Packed]]:
     rows = []
     for g, group in enumerate(groups):
         packed = _pack(group)
-        if len(group) == 1 or 2 * packed.prefix >= min(len(c) + len(t) for c, t in group):
+        if len(group) == 1 or 2 * packed.prefix >= min(len(c) + len(t) - 1 for c, t in group):
             rows.append((g, list(range(len(group))), packed))
         else:
             rows += [(g, [j], _pack([pair])) for j, pair in enumerate(group)]
