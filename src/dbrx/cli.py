@@ -272,9 +272,11 @@ def cmd_eval(args) -> None:
     if model_dir is None:
         raise UserError("no model: give --model DIR or model.pretrained in the YAML")
     args.model = Path(model_dir)
-    tasks = check_tasks(cfg, args.config.parent)  # a mistake in the YAML or a missing file, before the model loads
+    # a mistake in the YAML or a missing file, before the model loads
+    tasks = check_tasks(cfg, args.config.parent, allow_code_execution=args.allow_code_execution)
     model = _load_model(args)
-    evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks)
+    evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks,
+             allow_code_execution=args.allow_code_execution)
     if args.out is not None:
         print(f"results: {args.out / 'results.json'}, per example: {args.out / 'examples.jsonl'}")
 
@@ -491,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write results.json and examples.jsonl here")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run the programs the model writes for code_evaluation tasks, each in a sandbox (its "
+                        "own directory, no network, a read-only filesystem, limits on time, memory, files and "
+                        "processes, where the OS allows: docs/eval.md); without it such tasks are refused")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="memory per device of a sharded training run (FSDP2, expert parallel)",

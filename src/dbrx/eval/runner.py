@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import yaml
 
+from dbrx.eval.code import CODE_TYPES, build_code_examples, check_code_task, score_code, subset_code_examples
 from dbrx.eval.gauntlet import gauntlet_scores
 from dbrx.eval.scoring import generate_texts, score_groups
 from dbrx.eval.tasks import (GENERATION_TYPES, METRIC, REQUIRED_FIELDS, SCORED_TYPES, EvalError, Example,
@@ -53,11 +54,11 @@ def _section(value: Any, key: str, base: Path | None) -> Any:
     return loaded[key]
 
 
-def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], None] = print
-                ) -> list[tuple[TaskSpec, Path | None]]:
+def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], None] = print,
+                allow_code_execution: bool = False) -> list[tuple[TaskSpec, Path | None]]:
     """Every task parsed and its file looked for, before any model is loaded: (spec, local path) in order. A task
     whose file is absent gets None and is reported (a Gauntlet category missing it is then incomplete); an error
-    only if no task's file is found."""
+    only if no task's file is found. code_evaluation tasks are refused without `allow_code_execution`."""
     check_config(cfg)
     tasks_cfg = _section(cfg.get("icl_tasks") or [], "icl_tasks", config_dir)
     if not isinstance(tasks_cfg, list) or not tasks_cfg:
@@ -69,6 +70,8 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
             raise EvalError(f"icl_tasks[{i}] ({spec.label}): task type {spec.icl_task_type!r} is not built yet "
                             f"(built: {', '.join(SCORED_TYPES)})")
         path = resolve_uri(spec.dataset_uri, cfg.get("dataset_root"), f"icl_tasks[{i}] ({spec.label})")
+        if spec.icl_task_type in CODE_TYPES:  # refused, or its rows and their compilers checked, now
+            check_code_task(spec, path if path.exists() else None, f"icl_tasks[{i}]", allow_code_execution)
         hint = "" if cfg.get("dataset_root") else " (a relative path from Foundry's YAMLs? give dataset_root=DIR)"
         if not path.exists():
             log(f"warning: icl_tasks[{i}] ({spec.label}).dataset_uri: {path}: no such file{hint}; skipped")
@@ -87,13 +90,15 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
 
 
 def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Callable[[str], None] = print,
-             config_dir: Path | None = None, tasks: list | None = None, chat: bool = False) -> dict[str, Any]:
+             config_dir: Path | None = None, tasks: list | None = None, chat: bool = False,
+             allow_code_execution: bool = False) -> dict[str, Any]:
     """Run every task of `cfg` on `model`; returns {"metrics": {...}, "gauntlet": {...} | None, ...} and, with
     `out_dir`, writes results.json and examples.jsonl there (each under a temporary name, then renamed).
     `tasks`: check_tasks(cfg)'s result, when the caller has it already. `chat`: for instruct models, each prompt
-    is the user's turn of DBRX's chat template and generation stops at DBRX's stop ids."""
+    is the user's turn of DBRX's chat template and generation stops at DBRX's stop ids. `allow_code_execution`:
+    run the programs of code_evaluation tasks in dbrx.eval.sandbox; without it such a task is an error."""
     if tasks is None:
-        tasks = check_tasks(cfg, config_dir, log=log)
+        tasks = check_tasks(cfg, config_dir, log=log, allow_code_execution=allow_code_execution)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise EvalError(f"the model's vocabulary has {model.config.vocab_size} ids, fewer than the tokenizer's "
                         f"{tokenizer.vocab_size}: the prompts are DBRX-tokenizer text")
@@ -116,7 +121,18 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
         for k in spec.num_fewshot:
             for category, group in groups.items():
                 t0 = time.perf_counter()
-                if spec.icl_task_type in GENERATION_TYPES:
+                if spec.icl_task_type in CODE_TYPES:  # dbrx.eval.code: sampled programs, run in the sandbox
+                    if chat:
+                        raise EvalError(f"{spec.label}: code_evaluation prompts are code to complete; --chat "
+                                        "does not apply to them")
+                    examples, max_new = build_code_examples(spec, group, k, tokenizer, max_len, path)
+                    if category is None:
+                        examples = subset_code_examples(examples, cfg.get("icl_subset_num_batches"), batch,
+                                                        spec.generations_per_sample)
+                    accs, code_rows = score_code(model, tokenizer, spec, examples, max_new, batch, k,
+                                                 allow_execution=allow_code_execution, seed=cfg.get("seed"))
+                    example_rows.extend(code_rows)
+                elif spec.icl_task_type in GENERATION_TYPES:
                     examples, max_new = build_generation_examples(spec, group, k, tokenizer, max_len, path)
                     examples = _subset(examples, cfg.get("icl_subset_num_batches"), batch, category is not None)
                     if chat:
@@ -132,7 +148,7 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
                 for metric, value in accs.items():
                     metrics[f"metrics/{name}/{metric}"] = value
                 sizes[name] = len(examples)
-                log(f"{name:<48} {accs[METRIC[spec.icl_task_type]]:7.4f}  ({len(examples)} examples, "
+                log(f"{name:<48} {next(iter(accs.values())):7.4f}  ({len(examples)} examples, "
                     f"{time.perf_counter() - t0:.1f} s)")
     result: dict[str, Any] = {"metrics": metrics, "examples": sizes, "missing_tasks": missing, "chat": chat,
                               "seconds": time.perf_counter() - t_all}

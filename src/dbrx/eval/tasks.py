@@ -25,12 +25,13 @@ from typing import Any
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling", "generation_task_with_answers", "question_answering",
               "code_evaluation")
 GENERATION_TYPES = ("generation_task_with_answers", "question_answering")  # the second: Foundry's old alias
-SCORED_TYPES = ("multiple_choice", "schema", "language_modeling") + GENERATION_TYPES  # built so far
+SCORED_TYPES = ("multiple_choice", "schema", "language_modeling") + GENERATION_TYPES + ("code_evaluation",)
 METRIC = {"multiple_choice": "InContextLearningMultipleChoiceAccuracy",
           "schema": "InContextLearningMultipleChoiceAccuracy",
           "language_modeling": "InContextLearningLMAccuracy",
           "generation_task_with_answers": "InContextLearningGenerationExactMatchAccuracy",
-          "question_answering": "InContextLearningGenerationExactMatchAccuracy"}
+          "question_answering": "InContextLearningGenerationExactMatchAccuracy",
+          "code_evaluation": "InContextLearningCodeEvalAccuracy"}  # dbrx.eval.code
 
 # Every key Foundry's build_icl_evaluators accepts on an icl_tasks entry, with its default.
 TASK_KEYS: dict[str, Any] = {
@@ -253,7 +254,8 @@ REQUIRED_FIELDS = {"multiple_choice": ("query", "choices", "gold"),
                    "schema": ("context_options", "continuation", "gold"),
                    "language_modeling": ("context", "continuation"),
                    "generation_task_with_answers": ("context", "answer"),
-                   "question_answering": ("context", "answer")}
+                   "question_answering": ("context", "answer"),
+                   "code_evaluation": ("prompt", "canonical_solution", "entry_point")}  # and tests: dbrx.eval.code
 
 
 # ---- generation tasks -------------------------------------------------------------------------------------------
