@@ -200,7 +200,9 @@ def _score(model, spec: TaskSpec, examples: list[Example], batch: int, sink: lis
             means = [x.logprob / x.tokens for x in s]  # Foundry: lowest mean per-token loss, first one on ties
             pred = max(range(len(s)), key=lambda i: (means[i], -i))
             by_sum = max(range(len(s)), key=lambda i: (s[i].logprob, -i))  # lm-eval acc
-            by_chars = max(range(len(s)), key=lambda i: (s[i].logprob / max(1, len(ex.continuation_text[i])), -i))
+            # lm-eval's acc_norm: by the choice's length in characters, without the space that joins it
+            chars = [len(t[1:] if t.startswith(" ") else t) for t in ex.continuation_text]
+            by_chars = max(range(len(s)), key=lambda i: (s[i].logprob / max(1, chars[i]), -i))
             row.update(prediction=pred, gold=ex.gold)
             correct += pred == ex.gold
             acc += by_sum == ex.gold
