@@ -414,3 +414,7 @@ def test_icl_tasks_run_at_eval_interval_into_metrics_and_tensorboard(data, tmp_p
     with pytest.raises(ConfigError, match="mc.jsonl:1"):  # a malformed task file: named before training
         (tmp_path / "mc.jsonl").write_text("{not json\n")
         Trainer(load_config(None, base=cfg), log=lambda *_: None)
+    code = [{"label": "code", "dataset_uri": str(Path(__file__).parent / "data" / "code_eval_rows.jsonl"),
+             "icl_task_type": "code_evaluation", "num_fewshot": [0]}]
+    with pytest.raises(ConfigError, match="allow_code_execution: true"):  # programs run only when asked for
+        Trainer(load_config(None, base=dict(cfg, icl_tasks=code)), log=lambda *_: None)

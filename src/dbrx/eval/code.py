@@ -119,7 +119,8 @@ def check_code_task(spec: TaskSpec, path: Path | None, where: str, allow_executi
     formed and the compilers or runtimes their languages need present."""
     if not allow_execution:
         raise EvalError(f"{where} ({spec.label}): code_evaluation runs the programs the model writes; pass "
-                        "--allow-code-execution to run them in dbrx's sandbox (docs/eval.md says what it contains)")
+                        "--allow-code-execution (dbrx eval; in a training YAML, allow_code_execution: true) to run them in "
+                        "dbrx's sandbox (docs/eval.md says what it contains)")
     ks = pass_ks(spec, where)
     n = spec.generations_per_sample
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

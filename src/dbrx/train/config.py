@@ -50,6 +50,7 @@ SCHEMA: dict[str, Any] = {
     "icl_subset_num_batches": "int",
     "icl_seq_len": "int",
     "dataset_root": "path",
+    "allow_code_execution": "bool",  # code_evaluation tasks run the model's programs (in dbrx.eval.sandbox)
     "save_interval": "time",
     "save_folder": "path",
     "save_num_checkpoints_to_keep": "int",

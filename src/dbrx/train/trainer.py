@@ -449,6 +449,7 @@ class Trainer:
         """icl_tasks (dbrx.eval, Foundry's keys): parsed and their files found before training starts."""
         if not self.cfg.get("icl_tasks"):
             return None
+        self._allow_code = bool(self.cfg.get("allow_code_execution"))
         from dbrx.eval import EvalError, check_tasks
 
         self.icl_cfg = {"icl_tasks": self.cfg["icl_tasks"], "eval_gauntlet": self.cfg.get("eval_gauntlet"),
@@ -457,7 +458,7 @@ class Trainer:
                         "icl_subset_num_batches": self.cfg.get("icl_subset_num_batches"),
                         "dataset_root": self.cfg.get("dataset_root"), "seed": self.cfg["seed"]}
         try:
-            return check_tasks(self.icl_cfg, log=self.log)
+            return check_tasks(self.icl_cfg, log=self.log, allow_code_execution=self._allow_code)
         except EvalError as e:
             raise ConfigError(f"icl_tasks: {e}") from None
 
@@ -469,7 +470,8 @@ class Trainer:
 
         quiet = lambda *a, **k: None  # noqa: E731 (the summary line is the trainer's)
         with self._autocast():
-            result = evaluate(self.model, Tokenizer(), self.icl_cfg, log=quiet, tasks=self.icl)
+            result = evaluate(self.model, Tokenizer(), self.icl_cfg, log=quiet, tasks=self.icl,
+                              allow_code_execution=self._allow_code)
         self.model.train()
         scores = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
         scores.update({k: v for k, v in (result.get("gauntlet") or {}).items()
