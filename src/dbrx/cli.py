@@ -290,7 +290,7 @@ def cmd_eval(args) -> None:
     tasks = check_tasks(cfg, args.config.parent, allow_code_execution=args.allow_code_execution)
     model = _load_model(args)
     result = evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks,
-                      allow_code_execution=args.allow_code_execution)
+                      chat=args.chat, allow_code_execution=args.allow_code_execution)
     if suite is not None:
         suite.finish(result, args.out)
     if args.out is not None:
@@ -520,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the programs the model writes for code_evaluation tasks, each in a sandbox (its "
                         "own directory, no network, a read-only filesystem, limits on time, memory, files and "
                         "processes, where the OS allows: docs/eval.md); without it such tasks are refused")
+    p.add_argument("--chat", action="store_true",
+                   help="for instruct models: each prompt becomes the user's turn of DBRX's chat template (default "
+                        "system prompt), the answer the assistant's reply; generation stops at DBRX's stop ids")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="memory per device of a sharded training run (FSDP2, expert parallel)",
