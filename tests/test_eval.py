@@ -344,3 +344,13 @@ def test_chat_prompts_keep_the_template_and_stop_at_dbrx_stop_ids(model, tok, tm
     ids = chat_prompt(tok, "word " * 800, 400)  # the default system prompt alone is over 200 tokens
     assert len(ids) <= 400 and tok.decode(ids).startswith("<|im_start|>system\n")
     assert tok.decode(ids).endswith("word word <|im_end|>\n<|im_start|>assistant\n")  # the end of the text kept
+
+
+def test_chat_refuses_code_tasks_before_anything_is_scored(tmp_path):
+    from dbrx.eval import check_tasks
+
+    rows = Path(__file__).parent / "data" / "code_eval_rows.jsonl"
+    cfg = {"icl_tasks": [{"label": "code", "dataset_uri": str(rows), "icl_task_type": "code_evaluation",
+                          "num_fewshot": [0]}], "max_seq_len": 256, "device_eval_batch_size": 2}
+    with pytest.raises(EvalError, match="--chat does not apply"):
+        check_tasks(cfg, log=lambda *_: None, allow_code_execution=True, chat=True)

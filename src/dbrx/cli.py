@@ -287,7 +287,7 @@ def cmd_eval(args) -> None:
         raise UserError("no model: give --model DIR or model.pretrained in the YAML")
     args.model = Path(model_dir)
     # a mistake in the YAML or a missing file, before the model loads
-    tasks = check_tasks(cfg, args.config.parent, allow_code_execution=args.allow_code_execution)
+    tasks = check_tasks(cfg, args.config.parent, allow_code_execution=args.allow_code_execution, chat=args.chat)
     model = _load_model(args)
     result = evaluate(model, Tokenizer(), cfg, out_dir=args.out, config_dir=args.config.parent, tasks=tasks,
                       chat=args.chat, allow_code_execution=args.allow_code_execution)

@@ -55,10 +55,11 @@ def _section(value: Any, key: str, base: Path | None) -> Any:
 
 
 def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], None] = print,
-                allow_code_execution: bool = False) -> list[tuple[TaskSpec, Path | None]]:
+                allow_code_execution: bool = False, chat: bool = False) -> list[tuple[TaskSpec, Path | None]]:
     """Every task parsed and its file looked for, before any model is loaded: (spec, local path) in order. A task
     whose file is absent gets None and is reported (a Gauntlet category missing it is then incomplete); an error
-    only if no task's file is found. code_evaluation tasks are refused without `allow_code_execution`."""
+    only if no task's file is found. code_evaluation tasks are refused without `allow_code_execution`, and with
+    `chat` (their prompts are code to complete)."""
     check_config(cfg)
     tasks_cfg = _section(cfg.get("icl_tasks") or [], "icl_tasks", config_dir)
     if not isinstance(tasks_cfg, list) or not tasks_cfg:
@@ -70,6 +71,9 @@ def check_tasks(cfg: dict, config_dir: Path | None = None, log: Callable[[str], 
             raise EvalError(f"icl_tasks[{i}] ({spec.label}): task type {spec.icl_task_type!r} is not built yet "
                             f"(built: {', '.join(SCORED_TYPES)})")
         path = resolve_uri(spec.dataset_uri, cfg.get("dataset_root"), f"icl_tasks[{i}] ({spec.label})")
+        if spec.icl_task_type in CODE_TYPES and chat:
+            raise EvalError(f"icl_tasks[{i}] ({spec.label}): code_evaluation prompts are code to complete; --chat "
+                            "does not apply to them")
         if spec.icl_task_type in CODE_TYPES:  # refused, or its rows and their compilers checked, now
             check_code_task(spec, path if path.exists() else None, f"icl_tasks[{i}]", allow_code_execution)
         hint = "" if cfg.get("dataset_root") else " (a relative path from Foundry's YAMLs? give dataset_root=DIR)"
@@ -98,7 +102,7 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
     is the user's turn of DBRX's chat template and generation stops at DBRX's stop ids. `allow_code_execution`:
     run the programs of code_evaluation tasks in dbrx.eval.sandbox; without it such a task is an error."""
     if tasks is None:
-        tasks = check_tasks(cfg, config_dir, log=log, allow_code_execution=allow_code_execution)
+        tasks = check_tasks(cfg, config_dir, log=log, allow_code_execution=allow_code_execution, chat=chat)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise EvalError(f"the model's vocabulary has {model.config.vocab_size} ids, fewer than the tokenizer's "
                         f"{tokenizer.vocab_size}: the prompts are DBRX-tokenizer text")
@@ -122,9 +126,6 @@ def evaluate(model, tokenizer, cfg: dict, out_dir: Path | None = None, log: Call
             for category, group in groups.items():
                 t0 = time.perf_counter()
                 if spec.icl_task_type in CODE_TYPES:  # dbrx.eval.code: sampled programs, run in the sandbox
-                    if chat:
-                        raise EvalError(f"{spec.label}: code_evaluation prompts are code to complete; --chat "
-                                        "does not apply to them")
                     examples, max_new = build_code_examples(spec, group, k, tokenizer, max_len, path)
                     if category is None:
                         examples = subset_code_examples(examples, cfg.get("icl_subset_num_batches"), batch,
