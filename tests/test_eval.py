@@ -354,3 +354,37 @@ def test_chat_refuses_code_tasks_before_anything_is_scored(tmp_path):
                           "num_fewshot": [0]}], "max_seq_len": 256, "device_eval_batch_size": 2}
     with pytest.raises(EvalError, match="--chat does not apply"):
         check_tasks(cfg, log=lambda *_: None, allow_code_execution=True, chat=True)
+
+
+TYPE_BY_FIELDS = {("choices", "gold", "query"): "multiple_choice", ("context_options", "continuation", "gold"): "schema",
+                  ("context", "continuation"): "language_modeling", ("answer", "context"): "generation_task_with_answers"}
+
+
+@pytest.mark.skipif(not FOUNDRY.exists(), reason="../shared/foundry_eval (Foundry's task files) is absent")
+def test_every_foundry_task_file_loads_and_scores(tmp_path):
+    """Every JSONL of Foundry's local_data but the programming files (tests/test_code_eval.py runs those): all of
+    its rows read, and its first rows scored end to end, 0- and 1-shot, by a tiny model with room for the longest
+    chain-of-thought answers; the type is read off the fields, as a task YAML would give it."""
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(DbrxConfig(d_model=32, n_heads=2, n_layers=1, max_seq_len=2048, vocab_size=100352,
+                                       attn_config={"kv_n_heads": 1}, ffn_config={"ffn_hidden_size": 24})).eval()
+    tasks = []
+    for path in sorted((FOUNDRY / "local_data").glob("*/*.jsonl")):
+        if path.parent.name == "programming":
+            continue
+        lines = path.read_text(encoding="utf-8").split("\n")  # (JSON strings may hold U+2028)
+        first = json.loads(lines[0])
+        kind = next(t for fields, t in TYPE_BY_FIELDS.items() if set(fields) <= set(first))
+        rows = read_rows(path, REQUIRED_FIELDS[kind])  # the whole file
+        assert len(rows) == sum(1 for x in lines if x.strip())
+        sample = tmp_path / f"{path.parent.name}__{path.name}"
+        sample.write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+        tasks.append({"label": sample.stem, "dataset_uri": str(sample), "icl_task_type": kind, "num_fewshot": [0, 1],
+                      "has_categories": "category" in first and kind != "generation_task_with_answers",
+                      "cot_delimiter": "The answer is " if "chain_of_thought" in first else ""})
+    assert len(tasks) == 52
+    cfg = {"icl_tasks": tasks, "max_seq_len": 2048, "device_eval_batch_size": 6}
+    result = evaluate(model, Tokenizer(), cfg, out_dir=tmp_path / "out", log=lambda *_: None)
+    scored = {name.split("/")[1] for name in result["metrics"]}
+    assert scored == {t["label"] for t in tasks} and not result["missing_tasks"]
+    assert all(0 <= v <= 1 for v in result["metrics"].values())
