@@ -30,7 +30,6 @@ from __future__ import annotations
 import difflib
 import logging
 from argparse import Namespace
-from contextlib import contextmanager
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  lm-eval's own model names first: its registry loads them only while empty
