@@ -300,13 +300,15 @@ class DbrxForCausalLM(nn.Module):
         for padding. Attention then stays inside each document and positions restart at each document's
         start, so a packed example computes exactly what it would alone.
 
-        attention_mask may also be a boolean [B, 1, T, T] (transformers' custom 4-D mask: query i sees key j where
-        True) given with position_ids: scoring runs one shared context and all its continuations in one row."""
+        attention_mask may also be a boolean [B, 1, T, S] (transformers' custom 4-D mask: query i sees key j where
+        True) given with position_ids: scoring runs one shared context and all its continuations in one row, and the
+        server's slot cache (dbrx.serve.engine), which places each row's keys itself, decodes rows of different
+        lengths in one batch."""
         B, T = input_ids.shape
         cfg = self.config
         custom = attention_mask is not None and attention_mask.ndim == 4
-        if custom and (position_ids is None or cache is not None or start_pos or sequence_id is not None):
-            raise ValueError("a 4-D attention_mask needs position_ids, and no cache, start_pos or sequence_id")
+        if custom and (position_ids is None or start_pos or sequence_id is not None):
+            raise ValueError("a 4-D attention_mask needs position_ids, and no start_pos or sequence_id")
         longest = int(position_ids.max()) + 1 if custom else start_pos + T
         if longest > cfg.max_seq_len:
             raise ValueError(

@@ -1,0 +1,114 @@
+"""The serving engine: continuous batching over per-request KV slots gives each request what `generate` gives it
+alone, whoever shares its batch and whenever it joins; chunked prefill, slots freed at once, admission limits."""
+
+import pytest
+import torch
+
+from dbrx import DbrxForCausalLM, generate
+from dbrx.config import DbrxConfig
+from dbrx.serve import Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = DbrxConfig(d_model=48, n_heads=4, n_layers=2, max_seq_len=96, vocab_size=300,
+                        attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": 40, "moe_num_experts": 4,
+                                                                  "moe_top_k": 2})
+    return DbrxForCausalLM(config).eval()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]], steps: int = 200):
+    """Step the engine, adding requests at the given steps; the tokens and finish reason of each request."""
+    out: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    for step in range(steps):
+        for rid, ids, params in arrivals.get(step, []):
+            engine.add_request(rid, ids, params)
+            out[rid] = []
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        if not engine.has_work() and step >= max(arrivals):
+            break
+    return out, reasons
+
+
+def test_greedy_tokens_equal_generate_alone_whoever_shares_the_batch_and_whenever_it_joins(model):
+    prompts = {"a": prompt(5, 1), "b": prompt(23, 2), "c": prompt(11, 3), "d": prompt(2, 4)}
+    greedy = SamplingParams(max_tokens=12)
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=64)
+    # b and c join while a is decoding, d after a has finished
+    got, reasons = run(engine, {0: [("a", prompts["a"], greedy)], 3: [("b", prompts["b"], greedy)],
+                                4: [("c", prompts["c"], greedy)], 15: [("d", prompts["d"], greedy)]})
+    for rid, ids in prompts.items():
+        assert got[rid] == generate(model, ids, 12), rid
+    assert reasons == {rid: "length" for rid in prompts}
+    assert engine.slots_in_use == 0 and sorted(engine.free) == [0, 1, 2, 3]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding(model):
+    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=8)
+    short, long = prompt(4, 5), prompt(60, 6)
+    engine.add_request("short", short, SamplingParams(max_tokens=20))
+    engine.step()  # short: prefilled, first token
+    engine.add_request("long", long, SamplingParams(max_tokens=5))
+    per_step = []
+    got = {"short": [], "long": []}
+    while engine.has_work():
+        outputs = {o.request_id: o for o in engine.step()}
+        per_step.append(len(outputs["short"].token_ids) if "short" in outputs else None)
+        for rid, o in outputs.items():
+            got[rid] += o.token_ids
+    # the 60-token prompt takes 9 steps of at most 7 tokens (8 minus the decode), and short gets a token every step
+    assert per_step[:9] == [1] * 9
+    assert got["long"] == generate(model, long, 5)
+    assert len(got["short"]) == 19
+
+
+def test_a_request_waits_for_a_slot_and_an_abort_frees_its_slot_at_once(model):
+    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=32)
+    for rid in "abc":
+        engine.add_request(rid, prompt(6, ord(rid)), SamplingParams(max_tokens=30))
+    engine.step()
+    assert set(engine.running) == {"a", "b"} and [r.id for r in engine.waiting] == ["c"]
+    assert engine.abort("a") and engine.slots_in_use == 1
+    outputs = engine.step()
+    assert "c" in engine.running and not any(o.request_id == "a" for o in outputs)
+    assert engine.abort("b") and engine.abort("c") and not engine.has_work()
+    assert sorted(engine.free) == [0, 1] and not engine.abort("c")
+
+
+def test_admission_refuses_what_could_run_out_of_cache(model):
+    engine = Engine(model, max_num_seqs=2, max_model_len=40)
+    with pytest.raises(ValueError, match="30 tokens \\+ max_tokens 11 = 41 exceed the model length 40"):
+        engine.add_request("x", prompt(30, 1), SamplingParams(max_tokens=11))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        engine.add_request("y", [5, 300], SamplingParams(max_tokens=1))
+    engine.add_request("z", prompt(30, 1), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("z", prompt(3, 1), SamplingParams(max_tokens=1))
+
+
+def test_seeded_sampling_stops_and_logprobs_do_not_depend_on_the_batch(model):
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, seed=7, logprobs=3)
+    alone, _ = run(Engine(model, max_num_seqs=3), {0: [("s", prompt(9, 8), sampled)]})
+    crowded, _ = run(Engine(model, max_num_seqs=3), {0: [("g", prompt(14, 9), SamplingParams(max_tokens=20))],
+                                                     2: [("s", prompt(9, 8), sampled)]})
+    assert alone["s"] == crowded["s"]
+    first = generate(model, prompt(9, 10), 1)[0]  # a stop id the greedy request meets at once
+    engine = Engine(model)
+    engine.add_request("stop", prompt(9, 10), SamplingParams(max_tokens=5, stop_token_ids=(first,)))
+    (o,) = engine.step()
+    assert o.finished and o.finish_reason == "stop" and o.token_ids == [] and engine.slots_in_use == 0
+    engine.add_request("lp", prompt(9, 10), SamplingParams(max_tokens=1, logprobs=2))
+    (o,) = engine.step()
+    (chosen, top), = o.logprobs
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt(9, 10)])).logits[0, -1].float(), -1)
+    assert abs(chosen - logp[first].item()) < 1e-5 and [t for t, _ in top] == logp.topk(2).indices.tolist()
