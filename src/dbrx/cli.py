@@ -8,6 +8,7 @@
     dbrx convert finetuning --dataset NAME --out-root DIR [--splits ...] [--tokenizer T --max-seq-len N]
     dbrx train CONFIG.yaml [dotted.key=value ...]
     dbrx merge-lora BASE_DIR ADAPTER_DIR --out DIR    fold a LoRA adapter into a plain checkpoint
+    dbrx serve --model DIR [--host H --port P --api-key KEY]   an OpenAI-compatible HTTP server (docs/serving.md)
 """
 
 from __future__ import annotations
@@ -404,6 +405,12 @@ def cmd_merge_lora(args) -> None:
           f"{'copied from the base' if copied else 'written'})")
 
 
+def cmd_serve(args) -> None:
+    from dbrx.serve.server import serve
+
+    serve(args, _load_model, UserError)
+
+
 # ---- parser ----------------------------------------------------------------------------------------------------
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="a Hugging Face-format DBRX checkpoint directory")
@@ -562,6 +569,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None,
                    help="system prompt (default: dbrx-instruct's own default system prompt)")
     p.set_defaults(func=cmd_chat, max_new_tokens=512)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)",
+                       description="Serve a checkpoint over HTTP with OpenAI's API (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models, /health, /metrics); docs/serving.md.")
+    p.add_argument("--model", required=True, type=Path, help="a Hugging Face-format DBRX checkpoint directory")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                                                             "directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
+                                                       "--api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env DBRX_API_KEY)")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the "
+                                                                    "model's max_seq_len)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (KV slots, default 8)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default 512)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body cap (default 4 MiB)")
+    p.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable; "
+                                                                        "default: no CORS)")
+    p.add_argument("--graceful-timeout", type=int, default=None,
+                   help="seconds SIGTERM waits for in-flight requests (default: until they finish)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
