@@ -381,7 +381,7 @@ class Server:
         if len(stops) > MAX_STOP:
             raise APIError(400, f"'stop' holds {len(stops)} strings; at most {MAX_STOP}", "stop")
         stops = [s for s in stops if s]
-        temperature = _float(body, "temperature", 1.0 if chat else 1.0, 0.0, 2.0)
+        temperature = _float(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's default
         top_p = _float(body, "top_p", None, 0.0, 1.0)
         top_k = _int(body, "top_k", None)
         top_k = None if top_k is None or top_k <= 0 else top_k
