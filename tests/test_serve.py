@@ -222,7 +222,7 @@ def test_disconnect_mid_stream_aborts_the_request(server):
     assert count(text) > count(before) and "\ndbrx_kv_slots_in_use 0\n" in text
 
 
-def test_full_queue_answers_429_with_retry_after(model_dir):
+def test_full_queue_answers_429_with_retry_after_and_sigterm_drains(model_dir):
     proc, base = start_server(model_dir, "--max-num-seqs", "1", "--max-queue", "1", key=None)
     try:
         body = {"prompt": "a", "max_tokens": 100, "temperature": 0}
@@ -236,6 +236,16 @@ def test_full_queue_answers_429_with_retry_after(model_dir):
         assert 429 in statuses and 200 in statuses, statuses
         busy = next(r for r in answers if r.status_code == 429)
         assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
+        # SIGTERM while a stream is in flight: the stream still ends whole, then the server exits
+        with httpx.stream("POST", base + "/v1/completions", json={**body, "max_tokens": 60, "stream": True},
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line)
+            proc.terminate()
+            rest = [line for line in lines if line]
+        events = [json.loads(x[6:]) for x in [first, *rest] if x != "data: [DONE]"]
+        assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=15) in (0, -15)  # uvicorn re-raises SIGTERM once it has drained
     finally:
         stop_server(proc)
 
