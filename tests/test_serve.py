@@ -301,3 +301,30 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on():
     loop.submit([("die", [1], SamplingParams(1))], lambda item: None)
     loop.thread.join(timeout=5)
     assert not loop.alive and isinstance(loop.error, RuntimeError)
+
+
+def test_streamed_pieces_hold_back_split_utf8_and_stop_strings_spanning_tokens():
+    """Token by token, as a stream sees them: no piece holds half a character, a stop string split over tokens
+    is never emitted, and the pieces join to the whole answer's text."""
+    from dbrx.serve.engine import Output
+    from dbrx.serve.server import ChoiceText
+    from dbrx.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    ids = tok.encode("Math 𝔘𝔫𝔦 ok. END of it")
+    def whole(b: bytes) -> bool:
+        try:
+            return bool(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+
+    assert not all(whole(tok.decode_bytes([t])) for t in ids)  # each 𝔘's 4 bytes come in 3 tokens
+    choice = ChoiceText(tok, ["k. EN"])  # a stop string over the tokens " ok", ".", " END"
+    pieces = []
+    for i, t in enumerate(ids):
+        choice.push(Output("r", [t], finished=i == len(ids) - 1, finish_reason="length" if i == len(ids) - 1 else None))
+        pieces.append(choice.take())
+        if choice.done:
+            break
+    assert all("\ufffd" not in p for p in pieces) and all("k." not in p for p in pieces)
+    assert "".join(pieces) == "Math 𝔘𝔫𝔦 o" and choice.finish_reason == "stop" and pieces.count("") >= 2
