@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
