@@ -156,7 +156,6 @@ def test_lm_evals_local_completions_equals_dbrx_eval(server, model_dir, tmp_path
     tokenizer files saved with the checkpoint, split as lm-eval's hf model splits them), with echo, max_tokens 1
     and logprobs 1, and sums the continuation's echoed log-probabilities: per choice, the same numbers as
     `dbrx eval`'s lm-eval model, and the same greedy flags."""
-    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (tenacity)")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
