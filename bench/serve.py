@@ -30,6 +30,7 @@ import torch
 
 from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.generate import generate
+from dbrx.serve.server import wait_until_healthy
 from dbrx.perf import machine_profile
 from dbrx.tokenizer import Tokenizer
 
@@ -60,17 +61,11 @@ def start_server(model_dir: str, args) -> tuple[subprocess.Popen, str]:
            "--max-num-seqs", str(max(args.clients, 2)), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become healthy in 120 s")
+    try:
+        wait_until_healthy(proc, base, 120)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    return proc, base
 
 
 def stream(base: str, prompt: list[int], n: int, times: list[float] | None = None) -> tuple[int, float, float]:

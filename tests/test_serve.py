@@ -17,6 +17,7 @@ import torch
 
 from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.generate import generate
+from dbrx.serve.server import wait_until_healthy
 from dbrx.tokenizer import STOP_IDS, Tokenizer
 
 KEY = "test-key-123"
@@ -37,18 +38,8 @@ def start_server(model_dir, *extra, key=KEY):
         cmd += ["--api-key", key]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not become healthy in 60 s")
+    wait_until_healthy(proc, base, 60)
+    return proc, base
 
 
 def stop_server(proc):

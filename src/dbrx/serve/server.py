@@ -721,6 +721,28 @@ def create_app(server: Server) -> FastAPI:
 
 
 # ---- the command -----------------------------------------------------------------------------------------------
+def wait_until_healthy(proc, base_url: str, timeout_s: float) -> None:
+    """Wait for a `dbrx serve` subprocess to answer /health with 200 (tests, benches, launch scripts). Raises
+    RuntimeError with the server's output if it exits first, and kills it if it is not ready in time."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else (proc.stderr.read() if proc.stderr else "")
+            raise RuntimeError(f"server exited with status {proc.returncode}: {output}")
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # not listening yet, or 503 while the model loads
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not become healthy in {timeout_s:g} s")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
