@@ -36,8 +36,10 @@ def test_grouped_equals_reference_forward_and_backward():
 
 
 def test_decode_path_equals_grouped_path():
+    """Without autograd, one token and groups too small to pad (decoding a batch, a short chunk) take their own
+    paths; a long input, whose groups fill their padding, the grouped path. All agree with the reference loop."""
     ffn = _ffn("C")
-    for n_tokens in (1, 2, 3, 4):  # N*K <= E: the few-token path under no_grad
+    for n_tokens in (1, 2, 3, 4, 40, 600):
         x = torch.randn(1, n_tokens, 96, dtype=torch.float64)
         with torch.no_grad():
             few, _ = ffn(x)

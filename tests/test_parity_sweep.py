@@ -101,9 +101,10 @@ def reference(tmp_path_factory):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the MoE code that runs: grouped_mm calls, per-expert glu calls by the dtype they compute in, and
-    few-token (decoding) calls."""
+    the inference paths' calls (one token; a few tokens per expert, run on exactly their rows)."""
     seen = Counter()
-    grouped_mm, glu, few = F.grouped_mm, DbrxExpertGLU.glu, DbrxExperts._forward_few_tokens
+    grouped_mm, glu = F.grouped_mm, DbrxExpertGLU.glu
+    one, exact = DbrxExperts._forward_one_token, DbrxExperts._forward_exact_groups
 
     def spy_grouped_mm(*args, **kwargs):
         seen["grouped_mm"] += 1
@@ -114,13 +115,18 @@ def calls(monkeypatch):
             seen["loop", x_nD.dtype] += 1
         return glu(self, x_nD, w1, v1, w2, compute_dtype)
 
-    def spy_few(self, *args):
-        seen["few_tokens"] += 1
-        return few(self, *args)
+    def spy_one(self, *args):
+        seen["one_token"] += 1
+        return one(self, *args)
+
+    def spy_exact(self, *args):
+        seen["exact_groups"] += 1
+        return exact(self, *args)
 
     monkeypatch.setattr(F, "grouped_mm", spy_grouped_mm)
     monkeypatch.setattr(DbrxExpertGLU, "glu", spy_glu)
-    monkeypatch.setattr(DbrxExperts, "_forward_few_tokens", spy_few)
+    monkeypatch.setattr(DbrxExperts, "_forward_one_token", spy_one)
+    monkeypatch.setattr(DbrxExperts, "_forward_exact_groups", spy_exact)
     return seen
 
 
@@ -132,13 +138,15 @@ def _machine(monkeypatch, precision):
     return dtype
 
 
-def _assert_path(calls, name, precision, impl):
+def _assert_path(calls, name, precision, impl, inference=False):
     """The MoE ran where it should: grouped_mm where both sizes give 16-byte rows and bf16 is native, else the
-    loop, in fp32 for emulated bf16; the reference impl is the plain loop in the weights' dtype."""
+    loop, in fp32 for emulated bf16; the reference impl is the plain loop in the weights' dtype. Without autograd,
+    groups so small that padding would double them run on their exact rows, by the same rule."""
     dtype, emulated = PRECISIONS[precision]
     s = SWEEP[name]
     aligned = all(n * dtype.itemsize % 16 == 0 for n in (s["d_model"], s["ffn"]["ffn_hidden_size"]))
     loops = calls["loop", torch.float32] + calls["loop", torch.bfloat16]
+    assert inference or calls["exact_groups"] == calls["one_token"] == 0, calls  # autograd: never those paths
     if impl == "reference":
         assert calls["grouped_mm"] == 0 and calls["loop", dtype] == loops > 0, calls
     elif aligned and not emulated:
@@ -186,7 +194,7 @@ def test_logits_match_transformers(reference, calls, monkeypatch, name, precisio
         want = base(ids, output_router_logits=True)
         calls.clear()
         out = ours(ids, output_router_logits=True)
-    _assert_path(calls, name, precision, impl)
+    _assert_path(calls, name, precision, impl, inference=True)
     assert out.logits.dtype == dtype
     routes = _routes(out.router_logits, B, K)
     _assert_logits_close(out.logits, want.logits, _routed_alike(routes, _routes(want.router_logits, B, K)), dtype,
@@ -278,19 +286,19 @@ def test_cached_decoding_matches_uncached_and_transformers(reference, calls, mon
         cached, cached_router_logits = _cached_forward(ours, ids, p)
         uncached = ours(ids, output_router_logits=True)
         want = base(ids, output_router_logits=True)
-    assert calls["few_tokens"] > 0 or B * K > E  # decode steps of N*K <= E token copies take the few-token path
+    assert calls["one_token"] + calls["exact_groups"] > 0  # decode steps take the inference paths
     routes = _routes(cached_router_logits, B, K)
     _assert_logits_close(cached, uncached.logits, _routed_alike(routes, _routes(uncached.router_logits, B, K)),
                          dtype, "cached against uncached")
     _assert_logits_close(cached, want.logits, _routed_alike(routes, _routes(want.router_logits, B, K)), dtype,
                          "cached against transformers in fp32")
 
-    # Batch 1 through generate (prefill, then one-token decode steps on the few-token path): each new token has
+    # Batch 1 through generate (prefill, then one-token decode steps on the one-token path): each new token has
     # the largest logit of transformers' fp32 forward, up to the tolerance.
     calls.clear()
     prompt = ids[0, :p].tolist()
     new = generate(ours, prompt, T - p)
-    assert calls["few_tokens"] == (T - p - 1) * s["n_layers"]  # every decode step, every layer
+    assert calls["one_token"] == (T - p - 1) * s["n_layers"]  # every decode step, every layer
     with torch.no_grad():
         want = base(torch.tensor([prompt + new]), output_router_logits=True)
         uncached = ours(torch.tensor([prompt + new]), output_router_logits=True)

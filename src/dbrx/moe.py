@@ -5,7 +5,8 @@ K experts per token (top_k), S = N*K routed token copies.
 
 The fast path reads as its steps: route -> sort token copies by expert -> run each expert on its contiguous
 group (on CPU all groups at once, with torch's grouped matmul) -> weighted combine. It is dropless: every token
-reaches all of its top-k experts. `impl="reference"` keeps the plain per-expert mask loop that newcomers read; a
+reaches all of its top-k experts. Without autograd (generation, serving), one token reads only its K experts, and
+groups too small to fill their padding (a decoding batch, a short prompt chunk) run on their exact rows. `impl="reference"` keeps the plain per-expert mask loop that newcomers read; a
 test shows both agree forward and backward.
 """
 
@@ -148,33 +149,34 @@ class DbrxExperts(nn.Module):
                 impl: str = "grouped") -> torch.Tensor:
         if impl == "reference":
             return self._forward_reference(x_ND, weights_NK, experts_NK)
-        if experts_NK.numel() <= self.mlp.num_experts and not torch.is_grad_enabled():
-            return self._forward_few_tokens(x_ND, weights_NK, experts_NK)
         N, K = experts_NK.shape
-        compute = self.mlp.compute_dtype(x_ND)
-        grouped = compute is None and self._grouped_mm_applies(x_ND)
-        w1, v1, w2 = self.mlp.stacked() if grouped else self.mlp.per_expert()
+        E = self.mlp.num_experts
+        inference = not torch.is_grad_enabled()
+        if inference and N == 1:
+            return self._forward_one_token(x_ND, weights_NK, experts_NK)
 
         # Sort the S = N*K token copies by expert so that each expert's tokens are one contiguous group, padded
         # to a multiple of GROUP_ROWS: copy j goes to slot[j] = (its rank among its expert's copies) + (the
         # padded start of its expert's group).
-        E = self.mlp.num_experts
         flat_S = experts_NK.reshape(-1)
         order_S = flat_S.argsort(stable=True)
         counts_E = torch.bincount(flat_S, minlength=E)
         padded_E = (counts_E + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS
+        padded = padded_E.tolist()
+        if inference and sum(padded) >= 2 * N * K:
+            # Few tokens per expert (decoding a batch, a short chunk): padding would at least double the
+            # arithmetic, and without autograd each expert can run on exactly its rows.
+            return self._forward_exact_groups(x_ND, weights_NK, order_S, counts_E)
+        compute = self.mlp.compute_dtype(x_ND)
+        grouped = compute is None and self._grouped_mm_applies(x_ND)
+        w1, v1, w2 = self.mlp.stacked() if grouped else self.mlp.per_expert()
         shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
         slot_S = torch.empty_like(order_S)
         slot_S[order_S] = torch.arange(order_S.numel(), device=order_S.device) + shift_E[flat_S[order_S]]
-        padded = padded_E.tolist()
 
         x_PD = _ToGroups.apply(x_ND, slot_S, order_S, sum(padded), K)
-        if grouped:  # one grouped product per weight for all experts: [P, D] x [E, D, F] by group offsets
-            offs_E = padded_E.cumsum(0).to(torch.int32)
-            x_PD = x_PD.to(w1.dtype)
-            h_PF = self.mlp.act(F.grouped_mm(x_PD, w1.transpose(1, 2), offs=offs_E)) * \
-                F.grouped_mm(x_PD, v1.transpose(1, 2), offs=offs_E)
-            y_PD = F.grouped_mm(h_PF, w2, offs=offs_E)
+        if grouped:
+            y_PD = self._grouped_glu(x_PD, (w1, v1, w2), padded_E)
         else:
             # `split` (not slicing) so that backward is one concatenation instead of E zero-filled scatters.
             outs = [self.mlp.glu(x_nD, w1[e], v1[e], w2[e], compute)
@@ -184,6 +186,16 @@ class DbrxExperts(nn.Module):
         # Back to token order, then each token's K outputs weighted by its router weights.
         y_NKD = _FromGroups.apply(y_PD, slot_S).view(N, K, -1)
         return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
+
+    def _grouped_glu(self, x_PD: torch.Tensor, stacked: tuple[torch.Tensor, ...], rows_E: torch.Tensor):
+        """All experts' GLU in one grouped product per weight: x_PD holds expert e's rows_E[e] rows after those of
+        the experts before it; [P, D] x [E, D, F] by group offsets. Returns [P, D] in the weights' dtype."""
+        w1_EFD, v1_EFD, w2_EFD = stacked
+        offs_E = rows_E.cumsum(0).to(torch.int32)
+        x_PD = x_PD.to(w1_EFD.dtype)
+        h_PF = self.mlp.act(F.grouped_mm(x_PD, w1_EFD.transpose(1, 2), offs=offs_E)) * \
+            F.grouped_mm(x_PD, v1_EFD.transpose(1, 2), offs=offs_E)
+        return F.grouped_mm(h_PF, w2_EFD, offs=offs_E)
 
     def _grouped_mm_applies(self, x_ND: torch.Tensor) -> bool:
         """torch's grouped matmul runs all experts in three calls instead of three per expert (on CPU, about 30%
@@ -198,31 +210,41 @@ class DbrxExperts(nn.Module):
                 and dtype in (torch.float32, torch.bfloat16, torch.float16) and x_ND.dtype != torch.float64
                 and not perf.bf16_is_slow(device, dtype))
 
-    def _forward_few_tokens(self, x_ND, weights_NK, experts_NK):
-        """Decoding (a few tokens, no autograd): sorting costs more than it saves, so run each chosen expert on
-        the tokens that chose it and read only those experts' weights."""
+    def _inference_weights(self) -> tuple[torch.Tensor, ...]:
+        """w1, v1, w2 as [E, F, D] without autograd: views of the stored tensors (indexing an expert reads only
+        its rows), or base + delta for every expert under LoRA (merge the adapters to decode fast)."""
+        if self.mlp.lora is not None:
+            return self.mlp.per_expert()
         shape = (self.mlp.num_experts, self.mlp.ffn_hidden_size, self.mlp.d_model)
-        w1_EFD, v1_EFD, w2_EFD = (w.view(shape) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
-        if self.mlp.lora is not None:  # base + delta, for every expert (merge the adapters to decode fast)
-            w1_EFD, v1_EFD, w2_EFD = self.mlp.per_expert()
+        return tuple(w.view(shape) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+
+    def _forward_one_token(self, x_1D, weights_1K, experts_1K):
+        """Batch-1 decoding: a weighted sum of the K chosen experts' outputs; only their weights are read."""
+        w1_EFD, v1_EFD, w2_EFD = self._inference_weights()
+        compute = self.mlp.compute_dtype(x_1D)
+        y_1D = None
+        for e, w in zip(experts_1K[0].tolist(), weights_1K[0].tolist()):
+            out = self.mlp.glu(x_1D, w1_EFD[e], v1_EFD[e], w2_EFD[e], compute) * w
+            y_1D = out if y_1D is None else y_1D + out
+        return y_1D
+
+    def _forward_exact_groups(self, x_ND, weights_NK, order_S, counts_E):
+        """Each chosen expert on exactly the token copies routed to it (`order_S` sorts copies by expert,
+        `counts_E` per expert), weighted and added back per token. No padding and no autograd: torch's grouped
+        matmul with the exact group offsets where it applies (bit-identical to the loop, fewer calls), else the
+        per-expert loop."""
+        token_S = order_S // weights_NK.shape[1]
+        x_SD = x_ND.index_select(0, token_S)
         compute = self.mlp.compute_dtype(x_ND)
-        if x_ND.shape[0] == 1:  # batch-1 decoding: a weighted sum of the K chosen experts' outputs
-            y_1D = None
-            for e, w in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):
-                out = self.mlp.glu(x_ND, w1_EFD[e], v1_EFD[e], w2_EFD[e], compute) * w
-                y_1D = out if y_1D is None else y_1D + out
-            return y_1D
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for n, row in enumerate(experts_NK.tolist()):
-            for k, e in enumerate(row):
-                groups.setdefault(e, []).append((n, k))
-        y_ND = torch.zeros_like(x_ND)
-        for e, members in groups.items():
-            n_idx = torch.tensor([n for n, _ in members], device=x_ND.device)
-            k_idx = torch.tensor([k for _, k in members], device=x_ND.device)
-            out = self.mlp.glu(x_ND[n_idx], w1_EFD[e], v1_EFD[e], w2_EFD[e], compute) * weights_NK[n_idx, k_idx, None]
-            y_ND.index_add_(0, n_idx, out)
-        return y_ND
+        if compute is None and self._grouped_mm_applies(x_ND):
+            y_SD = self._grouped_glu(x_SD, self.mlp.stacked(), counts_E)
+        else:
+            w1_EFD, v1_EFD, w2_EFD = self._inference_weights()
+            counts = counts_E.tolist()
+            y_SD = torch.cat([self.mlp.glu(x_nD, w1_EFD[e], v1_EFD[e], w2_EFD[e], compute)
+                              for e, x_nD in enumerate(x_SD.split(counts)) if counts[e]])
+        y_SD = y_SD * weights_NK.reshape(-1, 1).index_select(0, order_S)
+        return torch.zeros_like(x_ND).index_add_(0, token_S, y_SD.to(x_ND.dtype))
 
     def _forward_reference(self, x_ND, weights_NK, experts_NK):
         """Plain loop over all experts: gather the tokens routed to e, run e, add back weighted."""
