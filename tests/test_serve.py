@@ -241,16 +241,22 @@ def test_full_queue_answers_429_with_retry_after_and_sigterm_drains(model_dir):
         stop_server(proc)
 
 
-def test_non_loopback_host_without_key_is_refused(model_dir):
+def test_non_loopback_host_without_key_and_bad_engine_flags_are_refused_before_loading(model_dir):
     env = {k: v for k, v in os.environ.items() if k != "DBRX_API_KEY"}
     r = subprocess.run([sys.executable, "-m", "dbrx", "serve", "--model", str(model_dir), "--host", "0.0.0.0"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "--api-key" in r.stderr and "0.0.0.0" in r.stderr
+    for flags, said in ((["--prefill-slowdown", "1"], "--prefill-slowdown 1.0 must be above 1"),
+                        (["--max-num-seqs", "16", "--max-num-batched-tokens", "8"], "at least --max-num-seqs 16")):
+        r = subprocess.run([sys.executable, "-m", "dbrx", "serve", "--model", str(model_dir), *flags],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on():
     """EngineLoop without HTTP: an exception in step() ends the requests it was running with that exception;
-    the loop keeps serving; an exception in the loop itself marks it dead (/health then answers 503)."""
+    the loop keeps serving; an exception in the loop itself marks it dead, and /health then answers 503 (as it does
+    while the model loads)."""
     from dbrx.serve.engine import Output, SamplingParams
     from dbrx.serve.server import EngineLoop
 
@@ -289,9 +295,20 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on():
                                                                   done.set_result(True)))
     done.result(timeout=5)
     assert isinstance(got["bad"], RuntimeError) and got["good"].token_ids == [1] and loop.alive
+    # /health over HTTP (the app in-process): 503 while the model loads, 200 while the loop runs, 503 once it died
+    from starlette.testclient import TestClient
+
+    from dbrx.serve.server import Server, ServerConfig, create_app
+
+    server = Server(ServerConfig("m"), Tokenizer())
+    client = TestClient(create_app(server))
+    assert client.get("/health").status_code == 503 and client.get("/health").json() == {"status": "loading"}
+    server.loop = loop
+    assert client.get("/health").status_code == 200
     loop.submit([("die", [1], SamplingParams(1))], lambda item: None)
     loop.thread.join(timeout=5)
     assert not loop.alive and isinstance(loop.error, RuntimeError)
+    assert client.get("/health").status_code == 503 and "stopped" in client.get("/health").json()["status"]
 
 
 def test_streamed_pieces_hold_back_split_utf8_and_stop_strings_spanning_tokens():

@@ -40,20 +40,22 @@ def run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingP
 
 
 def test_greedy_tokens_equal_generate_alone_whoever_shares_the_batch_and_whenever_it_joins(model):
-    prompts = {"a": prompt(5, 1), "b": prompt(23, 2), "c": prompt(11, 3), "d": prompt(2, 4)}
+    prompts = {"a": prompt(5, 1), "b": prompt(23, 2), "c": prompt(11, 3), "d": prompt(2, 4), "e": prompt(17, 5)}
     greedy = SamplingParams(max_tokens=12)
-    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=64)
-    # b and c join while a is decoding, d after a has finished
+    engine = Engine(model, max_num_seqs=5, max_num_batched_tokens=64)
+    # b and c join while a is decoding (each prefilled in the same forward as a's decode), d and e together
+    # (two prompts in one forward) after a has finished
     got, reasons = run(engine, {0: [("a", prompts["a"], greedy)], 3: [("b", prompts["b"], greedy)],
-                                4: [("c", prompts["c"], greedy)], 15: [("d", prompts["d"], greedy)]})
+                                4: [("c", prompts["c"], greedy)],
+                                15: [("d", prompts["d"], greedy), ("e", prompts["e"], greedy)]})
     for rid, ids in prompts.items():
         assert got[rid] == generate(model, ids, 12), rid
     assert reasons == {rid: "length" for rid in prompts}
-    assert engine.slots_in_use == 0 and sorted(engine.free) == [0, 1, 2, 3]
+    assert engine.slots_in_use == 0 and sorted(engine.free) == [0, 1, 2, 3, 4]
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding(model):
-    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=8)
+    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=8, prefill_slowdown=0)  # chunks fill the budget
     short, long = prompt(4, 5), prompt(60, 6)
     engine.add_request("short", short, SamplingParams(max_tokens=20))
     engine.step()  # short: prefilled, first token
@@ -69,6 +71,42 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decodin
     assert per_step[:9] == [1] * 9
     assert got["long"] == generate(model, long, 5)
     assert len(got["short"]) == 19
+
+
+def test_while_requests_decode_the_prompt_chunk_is_sized_so_a_step_takes_the_set_slowdown(monkeypatch):
+    """On a simulated clock (a step costs 20 ms, + 5 ms + 0.25 ms per prompt token if it prefills), chunks grow
+    from the smallest (16, doubling at most per step) towards the size at which a step with a chunk takes 2.5x a decode-only step (100
+    tokens) and never pass it; a prompt that arrives while nobody decodes fills the whole budget."""
+    torch.manual_seed(0)
+    config = DbrxConfig(d_model=32, n_heads=2, n_layers=1, max_seq_len=1024, vocab_size=300,
+                        attn_config={"kv_n_heads": 1}, ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4,
+                                                                  "moe_top_k": 2})
+    engine = Engine(DbrxForCausalLM(config), max_num_seqs=2, max_num_batched_tokens=512, prefill_slowdown=2.5,
+                    clock=lambda: now[0])
+    now, forward, steps = [0.0], engine._forward, []
+
+    def timed(decoding, chunks):
+        prefilled = sum(len(c) for _, c in chunks)
+        seconds = 0.020 + (0.005 + 0.00025 * prefilled if prefilled else 0)
+        steps.append((len(decoding), prefilled, seconds))
+        now[0] += seconds
+        return forward(decoding, chunks)
+
+    monkeypatch.setattr(engine, "_forward", timed)
+    engine.add_request("stream", prompt(600, 7), SamplingParams(max_tokens=100))
+    engine.step()
+    engine.step()
+    assert [p for _, p, _ in steps] == [512, 88]  # nobody decoding: the whole budget
+    for _ in range(3):
+        engine.step()  # decode-only steps: the reference time
+    engine.add_request("long", prompt(90, 8) * 9, SamplingParams(max_tokens=1))
+    while "long" in engine.running or engine.waiting:
+        engine.step()
+    mixed = steps[5:]
+    chunks = [p for _, p, _ in mixed]
+    assert all(d == 1 for d, _, _ in mixed), "the stream gets a token every step"
+    assert sum(chunks) == 810 and chunks[:3] == [16, 32, 64] and chunks[:-1] == sorted(chunks[:-1]), chunks
+    assert 97 <= chunks[-2] <= 100 and all(s <= 2.5 * 0.020 + 1e-9 for _, _, s in mixed), chunks
 
 
 def test_a_request_waits_for_a_slot_and_an_abort_frees_its_slot_at_once(model):

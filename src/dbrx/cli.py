@@ -584,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "model's max_seq_len)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (KV slots, default 8)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default 512)")
+    p.add_argument("--prefill-slowdown", type=float, default=2.5,
+                   help="while requests decode, size prompt chunks (by measured step times) so that a step takes at "
+                        "most about this many times a decode-only step: bounds the streams' inter-token latency "
+                        "during a long prompt, at the cost of that prompt's time to first token (default 2.5; 0: "
+                        "chunks fill --max-num-batched-tokens)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body cap (default 4 MiB)")
     p.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable; "

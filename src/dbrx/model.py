@@ -100,19 +100,28 @@ class DbrxAttention(nn.Module):
         qk = apply_rope(qk.view(B, T, self.n_heads + self.kv_heads, self.head_dim).transpose(1, 2), *cos_sin)
         q_BHTd, k_BGTd = qk.split([self.n_heads, self.kv_heads], dim=1)
         v_BGTd = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None and hasattr(cache, "attend"):
+            # A cache of per-request slots (dbrx.serve.engine.SlotCache): the row packs several requests' new
+            # tokens; the cache stores each request's keys in its slot and attends each against its own history.
+            o = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd, self.sdpa)
+            return self.out_proj(o.transpose(1, 2).reshape(B, T, self.d_model))
         if cache is not None:
             k_BGTd, v_BGTd = cache.update(self.layer_idx, start, k_BGTd, v_BGTd)
         causal = mask is None and T > 1
         if causal and k_BGTd.shape[2] != T:  # chunked prefill without padding: causal with an offset
             mask, causal = causal_mask(None, start, T, x_BTD.device), False
+        o = self.sdpa(q_BHTd, k_BGTd, v_BGTd, mask, causal)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.d_model))
+
+    def sdpa(self, q_BHTd, k_BGSd, v_BGSd, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Scaled dot-product attention with grouped kv heads, in `sdpa_dtype` when set; [B, H, T, hd] in q's dtype."""
         dtype = q_BHTd.dtype
         if self.sdpa_dtype is not None and self.sdpa_dtype != dtype:
-            q_BHTd, k_BGTd, v_BGTd = (t.to(self.sdpa_dtype) for t in (q_BHTd, k_BGTd, v_BGTd))
-        o = F.scaled_dot_product_attention(
-            q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=causal,
+            q_BHTd, k_BGSd, v_BGSd = (t.to(self.sdpa_dtype) for t in (q_BHTd, k_BGSd, v_BGSd))
+        return F.scaled_dot_product_attention(
+            q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, is_causal=causal,
             dropout_p=self.attn_pdrop if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads,
         ).to(dtype)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.d_model))
 
 
 def causal_mask(key_valid_BS: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor:
@@ -301,15 +310,15 @@ class DbrxForCausalLM(nn.Module):
         start, so a packed example computes exactly what it would alone.
 
         attention_mask may also be a boolean [B, 1, T, S] (transformers' custom 4-D mask: query i sees key j where
-        True) given with position_ids: scoring runs one shared context and all its continuations in one row, and the
-        server's slot cache (dbrx.serve.engine), which places each row's keys itself, decodes rows of different
-        lengths in one batch."""
+        True) given with position_ids: scoring runs one shared context and all its continuations in one row. The
+        server's slot cache (dbrx.serve.engine) takes one row that packs several requests' tokens, with their
+        position_ids, and attends each request against its own slot."""
         B, T = input_ids.shape
         cfg = self.config
         custom = attention_mask is not None and attention_mask.ndim == 4
         if custom and (position_ids is None or start_pos or sequence_id is not None):
             raise ValueError("a 4-D attention_mask needs position_ids, and no start_pos or sequence_id")
-        longest = int(position_ids.max()) + 1 if custom else start_pos + T
+        longest = int(position_ids.max()) + 1 if position_ids is not None else start_pos + T
         if longest > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {longest} tokens is longer than the model's max_seq_len ({cfg.max_seq_len})"

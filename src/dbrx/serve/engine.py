@@ -2,25 +2,30 @@
 
 `generate`'s cache is shared by a batch that starts together (left padding, one slot position for every row), so a
 request that arrives later would have to wait for the whole batch. Here each request owns a slot of a `SlotCache`
-with its own length: a decode step feeds every running request its last token at its own position, in one forward
-(a 4-D mask tells each row which of its slot's keys are real). A prompt is prefilled in chunks under a token budget
-per step (`max_num_batched_tokens`, decode tokens counted first), so a long prompt delays the running streams by at
-most one budget's worth of work per step. A request is admitted only when a slot is free, and its prompt plus
-`max_tokens` must fit the slot, so nothing runs out of cache halfway. A finished or aborted request frees its slot
-at once.
+with its own length. A step is one forward over one packed row: every decoding request's last token at its own
+position, then prompt chunks; the linear layers and experts see all of them at once (the weights are read once
+per step), and the cache attends each request against its own slot. Prompts are prefilled in chunks under a token
+budget per step (`max_num_batched_tokens`, decode tokens counted first); while requests decode, the chunk is sized
+by measured step times so that a long prompt slows the running streams by a bounded factor. A request is admitted
+only when a slot is free, and its prompt plus `max_tokens` must fit the slot, so nothing runs out of cache
+halfway. A finished or aborted request frees its slot at once.
 
-Shapes: B rows in a forward, T new tokens per row, S key positions, G kv heads, hd head dim.
+Shapes: N tokens in a step's row, D of them decoding, R rows of logits, S key positions, G kv heads, H query
+heads, hd head dim.
 """
 
 from __future__ import annotations
 
 import collections
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from dbrx.generate import sample
-from dbrx.model import DbrxForCausalLM
+from dbrx.model import DbrxForCausalLM, causal_mask
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,12 @@ class _Request:
 
 
 class SlotCache:
-    """One KV slot per request, [layers, slots, G, max_len, hd]. Before a forward, `bind` says which slots its rows
-    are and where each row's new tokens go; `update` (called by every attention layer, as KVCache.update is)
-    writes them there and returns those slots' keys and values up to the furthest row's end."""
+    """One KV slot per request, [layers, slots, G, max_len, hd]. A step's forward takes one row that packs the
+    decoding requests' tokens (one each, first) and then the prompt chunks; `bind` says whose they are. Each
+    attention layer then calls `attend`, which writes the new keys and values into their slots and attends
+    the decoding tokens as a batch (each row against its own slot, a mask per row) and each chunk against its
+    own slot (causal from its offset). No row attends another request's keys, so no work grows with the
+    product of slots and lengths."""
 
     def __init__(self, model: DbrxForCausalLM, num_slots: int, max_len: int):
         cfg, param = model.config, next(model.parameters())
@@ -68,34 +76,66 @@ class SlotCache:
         self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
         self.max_len = max_len
 
-    def bind(self, slots: list[int], starts: list[int]) -> None:
-        self.slots, self.starts = slots, starts
-        self.slots_B = torch.tensor(slots, device=self.k.device)
-        self.starts_B = torch.tensor(starts, device=self.k.device)
+    def bind(self, decode: list[tuple[int, int]], chunks: list[tuple[int, int, int]]) -> None:
+        """decode: (slot, position) of each decoding token, the row's first len(decode) tokens; chunks: (slot,
+        start, length) of each prompt chunk that follows, in order."""
+        for slot, start, n in [(s, p, 1) for s, p in decode] + chunks:
+            if start + n > self.max_len:
+                raise ValueError(f"slot cache holds {self.max_len} positions; writing up to position {start + n}")
+        self.decode, self.chunks = decode, chunks
+        device = self.k.device
+        if decode:
+            self.slots_D = torch.tensor([s for s, _ in decode], device=device)
+            self.positions_D = torch.tensor([p for _, p in decode], device=device)
+            self.decode_end = max(p for _, p in decode) + 1
+            # decoding row d sees its slot's keys 0 .. positions[d]: its own history, never stale positions
+            self.mask_D11S = (torch.arange(self.decode_end, device=device) <= self.positions_D[:, None])[:, None, None]
 
-    def update(self, layer: int, start: int, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
-        T = k_BGTD.shape[2]
-        end = max(self.starts) + T
-        if end > self.max_len:
-            raise ValueError(f"slot cache holds {self.max_len} positions; writing up to position {end}")
-        if T == 1:  # decode: each row's one new key at its own position, in one indexed write
-            self.k[layer, self.slots_B, :, self.starts_B] = k_BGTD[:, :, 0]
-            self.v[layer, self.slots_B, :, self.starts_B] = v_BGTD[:, :, 0]
-        else:
-            for r, (slot, s0) in enumerate(zip(self.slots, self.starts)):
-                self.k[layer, slot, :, s0:s0 + T] = k_BGTD[r]
-                self.v[layer, slot, :, s0:s0 + T] = v_BGTD[r]
-        return self.k[layer, self.slots_B, :, :end], self.v[layer, self.slots_B, :, :end]
+    def attend(self, layer: int, q_1HNd, k_1GNd, v_1GNd, sdpa) -> torch.Tensor:
+        """Store the row's new keys/values in their slots and return the attention output [1, H, N, hd];
+        `sdpa(q, k, v, mask, causal)` is the layer's attention (its dtype and grouped heads)."""
+        o_1HNd = torch.empty_like(q_1HNd)
+        D = len(self.decode)
+        if D:
+            k_cache, v_cache = self.k[layer], self.v[layer]
+            k_cache[self.slots_D, :, self.positions_D] = k_1GNd[0, :, :D].transpose(0, 1)
+            v_cache[self.slots_D, :, self.positions_D] = v_1GNd[0, :, :D].transpose(0, 1)
+            keys_DGSd = k_cache[self.slots_D, :, :self.decode_end]
+            values_DGSd = v_cache[self.slots_D, :, :self.decode_end]
+            q_DH1d = q_1HNd[0, :, :D].transpose(0, 1)[:, :, None]
+            o_1HNd[0, :, :D] = sdpa(q_DH1d, keys_DGSd, values_DGSd, self.mask_D11S, False)[:, :, 0].transpose(0, 1)
+        offset = D
+        for slot, start, n in self.chunks:
+            end = start + n
+            self.k[layer, slot, :, start:end] = k_1GNd[0, :, offset:offset + n]
+            self.v[layer, slot, :, start:end] = v_1GNd[0, :, offset:offset + n]
+            mask = None if start == 0 else causal_mask(None, start, n, q_1HNd.device)
+            o_1HNd[:, :, offset:offset + n] = sdpa(q_1HNd[:, :, offset:offset + n], self.k[layer, slot, :, :end][None],
+                                                   self.v[layer, slot, :, :end][None], mask, start == 0 and n > 1)
+            offset += n
+        return o_1HNd
+
+
+MIN_CHUNK = 16
+"""The smallest prompt chunk a step prefills while requests decode: a prompt always moves forward."""
 
 
 class Engine:
-    """Requests in, tokens out, one `step()` at a time (the server runs steps in a loop of its own)."""
+    """Requests in, tokens out, one `step()` at a time (the server runs steps in a loop of its own).
+
+    While requests decode, the prompt chunk of a step is sized by measurement so that the step takes about
+    `prefill_slowdown` times a decode-only step with the same number of decoding requests: the streams' inter-token
+    latency stays bounded while a long prompt is prefilled. With nobody decoding, chunks fill the token budget.
+    `prefill_slowdown=0` turns the sizing off (chunks always fill the budget)."""
 
     def __init__(self, model: DbrxForCausalLM, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, prefill_slowdown: float = 2.5,
+                 clock: Callable[[], float] = time.perf_counter):
         if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) must be >= 1 and max_num_batched_tokens "
                              f"({max_num_batched_tokens}) at least max_num_seqs, so that every decode fits a step")
+        if prefill_slowdown and prefill_slowdown <= 1:
+            raise ValueError(f"prefill_slowdown must be above 1 (or 0: off), got {prefill_slowdown}")
         self.model = model.eval()
         self.max_model_len = min(max_model_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -104,6 +144,13 @@ class Engine:
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: dict[str, _Request] = {}  # in arrival order
         self.device = next(model.parameters()).device
+        self.prefill_slowdown = prefill_slowdown
+        self.clock = clock
+        # the prompt chunk while requests decode, by their number (what a step may add depends on what it reads)
+        self.chunk_tokens: dict[int, int] = {}
+        # the last decode-only step times by the number of decoding requests; their median is the reference (a
+        # step that met a first-time kernel or a busy machine does not skew it)
+        self.decode_seconds: dict[int, collections.deque[float]] = {}
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -147,50 +194,77 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        """Admit what fits, decode one token for every running request that has one pending, then prefill prompt
+        """Admit what fits, then one forward: a token for every running request that has one pending, and prompt
         chunks (oldest first) with what is left of the token budget."""
         while self.waiting and self.free:
             request = self.waiting.popleft()
             request.slot = self.free.pop(0)
             self.running[request.id] = request
-        outputs: dict[str, Output] = {}
-        budget = self.max_num_batched_tokens
         decoding = [r for r in self.running.values() if r.pending is not None]
-        if decoding:
-            logits_BV = self._forward(decoding, [[r.pending] for r in decoding])
-            for r, logits_V in zip(decoding, logits_BV):
-                r.cached += 1
-                self._sample(r, logits_V, outputs)
-            budget -= len(decoding)
-        for r in [r for r in self.running.values() if r.cached < len(r.prompt)]:
+        budget = self.max_num_batched_tokens - len(decoding)
+        if decoding and self.prefill_slowdown:
+            budget = min(budget, self.chunk_tokens.get(len(decoding), MIN_CHUNK))
+        chunks: list[tuple[_Request, list[int]]] = []
+        for r in self.running.values():
             if budget <= 0:
                 break
-            chunk = r.prompt[r.cached:r.cached + budget]
-            logits_BV = self._forward([r], [chunk])
+            if r.cached < len(r.prompt):
+                chunks.append((r, r.prompt[r.cached:r.cached + budget]))
+                budget -= len(chunks[-1][1])
+        if not decoding and not chunks:
+            return []
+        started = self.clock()
+        logits_RV = self._forward(decoding, chunks)
+        outputs: dict[str, Output] = {}
+        for r in decoding:
+            r.cached += 1
+        for r, chunk in chunks:
             r.cached += len(chunk)
-            budget -= len(chunk)
-            if r.cached == len(r.prompt):
-                self._sample(r, logits_BV[0], outputs)
+        sampled = decoding + [r for r, _ in chunks if r.cached == len(r.prompt)]
+        greedy = logits_RV.argmax(dim=-1).tolist()  # every greedy row's token in one call
+        for r, logits_V, token in zip(sampled, logits_RV, greedy):
+            self._sample(r, logits_V, outputs, token if r.params.temperature <= 0 else None)
+        self._size_chunk(len(decoding), sum(len(c) for _, c in chunks), self.clock() - started)
         return list(outputs.values())
 
-    def _forward(self, requests: list[_Request], tokens: list[list[int]]) -> torch.Tensor:
-        """Each row's tokens at its slot's next positions; the logits after each row's last token [B, V]."""
-        T = len(tokens[0])
-        assert all(len(t) == T for t in tokens), "rows of one forward have the same length (decode: 1)"
-        starts = [r.cached for r in requests]
-        S = max(starts) + T
-        ids_BT = torch.tensor(tokens, device=self.device)
-        positions_BT = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
-        # row r's query t sees its slot's keys 0 .. starts[r] + t: its own history, never stale or padding slots
-        mask_BTS = torch.arange(S, device=self.device)[None, None, :] <= positions_BT[:, :, None]
-        self.cache.bind([r.slot for r in requests], starts)
-        out = self.model(ids_BT, attention_mask=mask_BTS[:, None], position_ids=positions_BT, cache=self.cache,
-                         last_only=True)
-        return out.logits[:, -1].float()
+    def _forward(self, decoding: list[_Request], chunks: list[tuple[_Request, list[int]]]) -> torch.Tensor:
+        """One row: each decoding request's pending token at its position, then each chunk at its positions.
+        Returns the logits [R, V] after each decoding token and after each chunk that ends its prompt."""
+        ids, positions, rows = [r.pending for r in decoding], [r.cached for r in decoding], list(range(len(decoding)))
+        for r, chunk in chunks:
+            ids += chunk
+            positions += range(r.cached, r.cached + len(chunk))
+            if r.cached + len(chunk) == len(r.prompt):
+                rows.append(len(ids) - 1)
+        self.cache.bind([(r.slot, r.cached) for r in decoding], [(r.slot, r.cached, len(c)) for r, c in chunks])
+        h_1ND, _ = self.model.hidden_states(torch.tensor([ids], device=self.device), cache=self.cache,
+                                            position_ids=torch.tensor([positions], device=self.device))
+        return self.model.lm_head(h_1ND[0, rows]).float()
 
-    def _sample(self, r: _Request, logits_V: torch.Tensor, outputs: dict[str, Output]) -> None:
+    def _size_chunk(self, decoding: int, prefilled: int, seconds: float) -> None:
+        """Learn from a step's time, per number of decoding requests: recent decode-only step times, and from a
+        step that also prefilled a full chunk, the chunk that would make such a step take `prefill_slowdown` times
+        the decode-only one (moving at most 2x per step; never below MIN_CHUNK)."""
+        if not decoding or not self.prefill_slowdown:
+            return
+        if not prefilled:
+            self.decode_seconds.setdefault(decoding, collections.deque(maxlen=15)).append(seconds)
+            return
+        recent, chunk = self.decode_seconds.get(decoding), self.chunk_tokens.get(decoding, MIN_CHUNK)
+        if not recent or prefilled < chunk:  # no reference yet, or a prompt's short last chunk
+            return
+        base = statistics.median(recent)
+        want, extra = (self.prefill_slowdown - 1) * base, seconds - base
+        scale = 2.0 if extra <= 0 else min(2.0, max(0.5, want / extra))
+        cap = self.max_num_batched_tokens - decoding
+        self.chunk_tokens[decoding] = max(min(MIN_CHUNK, cap), min(cap, round(chunk * scale)))
+
+    def _sample(self, r: _Request, logits_V: torch.Tensor, outputs: dict[str, Output], token: int | None) -> None:
+        """Take the request's next token (`token` when already chosen greedily, else sampled with its own
+        generator) into its output; finish it on a stop id or at max_tokens."""
         p = r.params
-        token = int(sample(logits_V[None], p.temperature, p.top_k, p.top_p, r.generator)[0])
+        if token is None:
+            token = int(sample(logits_V[None], p.temperature, p.top_k, p.top_p, r.generator)[0])
         out = outputs.setdefault(r.id, Output(r.id, []))
         r.produced += 1
         if token in p.stop_token_ids:

@@ -766,6 +766,12 @@ def serve(args, load_model: Callable, user_error: type[Exception]) -> None:
                          "DBRX_API_KEY) to serve there, or bind 127.0.0.1")
     if args.max_num_seqs < 1 or args.max_queue < 1:
         raise user_error("--max-num-seqs and --max-queue must be at least 1")
+    if args.max_num_batched_tokens < args.max_num_seqs:
+        raise user_error(f"--max-num-batched-tokens {args.max_num_batched_tokens} must be at least --max-num-seqs "
+                         f"{args.max_num_seqs}, so that every decode fits a step")
+    if args.prefill_slowdown and args.prefill_slowdown <= 1:
+        raise user_error(f"--prefill-slowdown {args.prefill_slowdown} must be above 1 (a step with a prompt chunk "
+                         "is always slower than one without), or 0 to let chunks fill --max-num-batched-tokens")
     config = DbrxConfig.from_pretrained(args.model)  # a missing or broken checkpoint fails here, not in a thread
     if args.max_model_len is not None and not 1 <= args.max_model_len <= config.max_seq_len:
         raise user_error(f"--max-model-len {args.max_model_len} must be between 1 and the model's max_seq_len "
@@ -782,7 +788,8 @@ def serve(args, load_model: Callable, user_error: type[Exception]) -> None:
         try:
             model = load_model(args)
             engine = Engine(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                            max_num_batched_tokens=args.max_num_batched_tokens)
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            prefill_slowdown=args.prefill_slowdown)
             loop = EngineLoop(engine, args.max_queue)
             loop.start()
             server.loop = loop
