@@ -203,7 +203,7 @@ class Engine:
         decoding = [r for r in self.running.values() if r.pending is not None]
         budget = self.max_num_batched_tokens - len(decoding)
         if decoding and self.prefill_slowdown:
-            budget = min(budget, self.chunk_tokens.get(len(decoding), MIN_CHUNK))
+            budget = min(budget, self._learned(self.chunk_tokens, len(decoding), MIN_CHUNK))
         chunks: list[tuple[_Request, list[int]]] = []
         for r in self.running.values():
             if budget <= 0:
@@ -241,16 +241,25 @@ class Engine:
                                             position_ids=torch.tensor([positions], device=self.device))
         return self.model.lm_head(h_1ND[0, rows]).float()
 
+    @staticmethod
+    def _learned(table: dict, decoding: int, default):
+        """What was learned for this many decoding requests, else for the nearest smaller number (a smaller
+        batch's decode step is shorter, so its chunk is the cautious guess), else `default`."""
+        known = [b for b in table if b <= decoding]
+        return table[max(known)] if known else default
+
     def _size_chunk(self, decoding: int, prefilled: int, seconds: float) -> None:
         """Learn from a step's time, per number of decoding requests: recent decode-only step times, and from a
         step that also prefilled a full chunk, the chunk that would make such a step take `prefill_slowdown` times
-        the decode-only one (moving at most 2x per step; never below MIN_CHUNK)."""
+        the decode-only one (moving at most 2x per step; never below MIN_CHUNK). A number not seen yet borrows
+        from the nearest smaller one."""
         if not decoding or not self.prefill_slowdown:
             return
         if not prefilled:
             self.decode_seconds.setdefault(decoding, collections.deque(maxlen=15)).append(seconds)
             return
-        recent, chunk = self.decode_seconds.get(decoding), self.chunk_tokens.get(decoding, MIN_CHUNK)
+        recent = self._learned(self.decode_seconds, decoding, None)
+        chunk = self._learned(self.chunk_tokens, decoding, MIN_CHUNK)
         if not recent or prefilled < chunk:  # no reference yet, or a prompt's short last chunk
             return
         base = statistics.median(recent)
