@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dbrx.generate import TextStreamer
 from dbrx.serve.engine import Engine, Output, SamplingParams
+from dbrx.serve.head import use_blocked_head
 
 MAX_N = 8
 MAX_LOGPROBS = 20
@@ -787,6 +788,9 @@ def serve(args, load_model: Callable, user_error: type[Exception]) -> None:
     def load():
         try:
             model = load_model(args)
+            chosen = use_blocked_head(model, args.max_num_seqs)
+            if chosen:
+                print(f"dbrx serve: {chosen}", file=sys.stderr, flush=True)
             engine = Engine(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             prefill_slowdown=args.prefill_slowdown)
