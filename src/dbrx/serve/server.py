@@ -502,6 +502,26 @@ class Server:
                             for t, (lp, alt) in zip(ids, logprobs)]}
 
 
+class RequireKey:
+    """Every HTTP route but /health (and CORS preflights) needs `Authorization: Bearer KEY`, compared in constant
+    time; else 401 in OpenAI's shape. Plain ASGI: Starlette's BaseHTTPMiddleware would pass every streamed chunk
+    through a memory stream, work the event loop does between the engine's steps."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                err = APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="dbrx serve", docs_url=None, redoc_url=None, openapi_url=None)
     cfg = server.config
@@ -527,16 +547,8 @@ def create_app(server: Server) -> FastAPI:
         traceback.print_exception(e, file=sys.stderr)
         return JSONResponse(APIError(500, f"internal error: {e!r}").body(), status_code=500)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if cfg.api_key is not None and request.url.path != "/health" and request.method != "OPTIONS":
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-                err = APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                               code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    if cfg.api_key is not None:
+        app.add_middleware(RequireKey, key=cfg.api_key)
 
     @app.get("/health")
     async def health():
