@@ -84,6 +84,8 @@ class SlotCache:
                 raise ValueError(f"slot cache holds {self.max_len} positions; writing up to position {start + n}")
         self.decode, self.chunks = decode, chunks
         device = self.k.device
+        # chunk c's query t sees its slot's keys 0 .. start + t (causal from its offset; plain causal from 0)
+        self.chunk_masks = [None if start == 0 else causal_mask(None, start, n, device) for _, start, n in chunks]
         if decode:
             self.slots_D = torch.tensor([s for s, _ in decode], device=device)
             self.positions_D = torch.tensor([p for _, p in decode], device=device)
@@ -105,11 +107,10 @@ class SlotCache:
             q_DH1d = q_1HNd[0, :, :D].transpose(0, 1)[:, :, None]
             o_1HNd[0, :, :D] = sdpa(q_DH1d, keys_DGSd, values_DGSd, self.mask_D11S, False)[:, :, 0].transpose(0, 1)
         offset = D
-        for slot, start, n in self.chunks:
+        for (slot, start, n), mask in zip(self.chunks, self.chunk_masks):
             end = start + n
             self.k[layer, slot, :, start:end] = k_1GNd[0, :, offset:offset + n]
             self.v[layer, slot, :, start:end] = v_1GNd[0, :, offset:offset + n]
-            mask = None if start == 0 else causal_mask(None, start, n, q_1HNd.device)
             o_1HNd[:, :, offset:offset + n] = sdpa(q_1HNd[:, :, offset:offset + n], self.k[layer, slot, :, :end][None],
                                                    self.v[layer, slot, :, :end][None], mask, start == 0 and n > 1)
             offset += n
