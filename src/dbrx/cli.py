@@ -75,6 +75,59 @@ def _print_facts(name: str, config: DbrxConfig, facts: dict) -> None:
     print(f"  (computed on the meta device in {facts['seconds']:.2f} s)")
 
 
+def fit_facts(config: DbrxConfig, args) -> dict:
+    """`dbrx info --devices`: the inference plan (dbrx.placement) and, where it does not fit, what would."""
+    from dbrx.placement import parse_devices, plan, suggestions
+
+    devices = parse_devices(args.devices)
+    dtype = resolve_dtype(args.dtype or "bfloat16")
+    include = tuple(i for i in (args.include or "").split(",") if i)
+    max_len = config.max_seq_len if args.max_model_len is None else args.max_model_len
+    if not 1 <= max_len <= config.max_seq_len:
+        raise UserError(f"--max-model-len {max_len} must be between 1 and the model's max_seq_len "
+                        f"{config.max_seq_len}")
+    p = plan(config, devices, max_len, dtype, args.quant, args.group_size, include)
+    return {
+        "fits": p.fits,
+        "devices": [{"device": d.device.name, "memory_bytes": d.device.memory_bytes,
+                     "usable_bytes": d.device.usable_bytes, "holds": d.parts, "weight_bytes": d.weight_bytes,
+                     "kv_bytes_per_token": d.kv_bytes_per_token, "kv_tokens": d.kv_tokens()} for d in p.devices],
+        "quant": args.quant, "group_size": args.group_size if args.quant == "int4" else None,
+        "quantized": ["experts", *include] if args.quant != "none" else [], "dtype": dtype_name(dtype),
+        "weight_bytes": p.weight_bytes, "expert_bytes": p.expert_bytes, "other_bytes": p.other_bytes,
+        "kv_cache_bytes_per_token": p.kv_bytes_per_token, "max_model_len": max_len, "kv_tokens_fit": p.kv_tokens,
+        "suggestions": [] if p.fits else suggestions(config, devices, max_len, dtype, args.quant, args.group_size,
+                                                     include),
+    }
+
+
+def _print_fit(name: str, spec: str, fit: dict) -> None:
+    quant = ("experts" + "".join(f", {i}" for i in fit["quantized"][1:]) + f" {fit['quant']}"
+             + (f" (group {fit['group_size']})" if fit["group_size"] else "") + f", the rest {fit['dtype']}"
+             if fit["quant"] != "none" else fit["dtype"])
+    print(f"{name} on {spec}: {quant}, context {fit['max_model_len']:,} tokens")
+    print(f"  weights {fit['weight_bytes'] / GiB:.1f} GiB (experts {fit['expert_bytes'] / GiB:.1f}, the rest "
+          f"{fit['other_bytes'] / GiB:.1f}); KV cache {fit['kv_cache_bytes_per_token'] / 2**10:,.0f} KiB per token, "
+          f"{fit['kv_cache_bytes_per_token'] * fit['max_model_len'] / GiB:.1f} GiB at the full context")
+    for i, d in enumerate(fit["devices"]):
+        kv = "no layers" if d["kv_tokens"] is None else f"room for {d['kv_tokens']:,} KV tokens"
+        print(f"  device {i} ({d['device']}, {d['usable_bytes'] / GiB:.1f} of {d['memory_bytes'] / GiB:.1f} GiB "
+              f"usable): {', '.join(d['holds']) or 'nothing'}; weights {d['weight_bytes'] / GiB:.1f} GiB; {kv}")
+    over = [(i, d) for i, d in enumerate(fit["devices"]) if d["weight_bytes"] > d["usable_bytes"]]
+    if over:
+        i, d = over[0]
+        print(f"  does NOT fit: device {i} needs {d['weight_bytes'] / GiB:.1f} GiB for its weights alone, "
+              f"{d['usable_bytes'] / GiB:.1f} GiB usable")
+    else:
+        verdict = "fits" if fit["fits"] else "does NOT fit"
+        print(f"  {verdict}: {fit['kv_tokens_fit']:,} KV tokens fit on every device, {fit['max_model_len']:,} "
+              "needed")
+    for s in fit["suggestions"]:
+        print(f"  would fit: {s}")
+    if not fit["fits"] and not fit["suggestions"]:
+        print("  nothing tried here fits: more or larger devices")
+
+
 def cmd_info(args) -> None:
     if args.preset:
         config, stored, name = DbrxConfig.from_name(args.preset), None, args.preset
@@ -82,6 +135,18 @@ def cmd_info(args) -> None:
         config, name = DbrxConfig.from_pretrained(args.model), str(args.model)
         stored_dtype = checkpoint_dtype(read_header(args.model))
         stored = dtype_name(stored_dtype) if stored_dtype else None
+    planning = {"--quant": args.quant != "none", "--include": bool(args.include), "--dtype": bool(args.dtype),
+                "--max-model-len": args.max_model_len is not None, "--group-size": args.group_size != 128}
+    if not args.devices and any(planning.values()):
+        raise UserError(f"{', '.join(k for k, v in planning.items() if v)} plan inference on devices: give "
+                        "--devices too (e.g. --devices 1xH200)")
+    if args.devices:
+        fit = fit_facts(config, args)
+        if args.json:
+            print(json.dumps({"name": name, **fit}, indent=2))
+        else:
+            _print_fit(name, args.devices, fit)
+        return
     facts = model_facts(config, stored)
     if args.json:
         print(json.dumps({"name": name, "config": config.to_dict(), **facts}, indent=2))
@@ -437,6 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
     which.add_argument("--model", type=Path, help="a Hugging Face-format checkpoint directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--devices", help="plan inference on these devices: 1xH200, 2xH200, 4x80GB, H100,H100, "
+                                     "cuda:0,cuda:1 or cpu (weights and KV cache per device, whether it fits)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantisation of the experts (with --devices)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--include", default="", help="also quantise: attention, lm_head (comma-separated)")
+    p.add_argument("--dtype", help="dtype of what is not quantised and of the KV cache (default bfloat16)")
+    p.add_argument("--max-model-len", type=int, help="context to hold in the KV cache (default: the model's)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("init", help="write a randomly initialised checkpoint (for tests and demos)",

@@ -1,0 +1,249 @@
+"""Where an inference model goes: device specs, weight bytes under weight-only quantisation, and a per-device plan
+made from the config alone (nothing is loaded; the model is built on the meta device).
+
+A plan places the embedding on the first device, the blocks in order so that each device's share of weights plus
+KV cache (at `max_model_len` tokens) follows its usable memory, and the final norm and head on the last device.
+Each device keeps RESERVE_BYTES for the runtime and activations. Quantised tensors are counted as the quantised
+checkpoint stores them: int8 one byte per weight plus a scale per output channel; int4 half a byte per weight plus
+a scale and a zero point per group of `group_size` weights along the input (both scales in the weights' dtype).
+Experts are quantised; `include` adds "attention" (Wqkv, out_proj) and "lm_head". Everything else (embedding,
+norms, router) stays in `dtype`.
+
+Device specs, as `dbrx info --devices` takes them: `1xH200`, `2xH200`, `4x80GB` (a device of 80 GB, GPU memory
+being labelled in binary units: 80 GiB), `H100,H100`, `cuda:0,cuda:1` (asks torch), `cpu` (this machine's
+available memory).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from dbrx.config import DbrxConfig
+
+GiB = 2**30
+RESERVE_BYTES = 2 * GiB
+"""Kept free on each device: the CUDA context, allocator slack, and a prefill chunk's activations."""
+
+DEVICE_KINDS = {  # memory as sold (GiB); usable is this minus RESERVE_BYTES
+    "H200": 141, "H100": 80, "H800": 80, "A100": 80, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "L40": 48,
+    "A10G": 24, "A10": 24, "L4": 24, "RTX4090": 24, "MI300X": 192, "MI250X": 128, "B200": 180,
+}
+QUANTS = ("none", "int8", "int4")
+INCLUDABLE = ("attention", "lm_head")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # "H200", "80GB", "cuda:0", "cpu"
+    memory_bytes: int
+
+    @property
+    def usable_bytes(self) -> int:
+        return max(0, self.memory_bytes - RESERVE_BYTES)
+
+
+def parse_devices(spec: str) -> list[Device]:
+    """'2xH200' -> two H200s; '4x80GB'; 'H100,H100'; 'cuda:0,cuda:1'; 'cpu'. Raises ValueError naming the item."""
+    devices: list[Device] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            raise ValueError(f"--devices {spec!r}: an empty item")
+        count, what = 1, item
+        match = re.fullmatch(r"(\d+)\s*[xX]\s*(.+)", item)
+        if match:
+            count, what = int(match.group(1)), match.group(2)
+            if count < 1:
+                raise ValueError(f"--devices {spec!r}: a count of {count} devices in {item!r}")
+        if count > 1 and (what == "cpu" or what.startswith("cuda")):
+            raise ValueError(f"--devices {spec!r}: {item!r} repeats one device; list them (cuda:0,cuda:1)")
+        devices += [_device(what, spec)] * count
+    return devices
+
+
+def _device(what: str, spec: str) -> Device:
+    kinds = {k.upper(): k for k in DEVICE_KINDS}
+    if what.upper() in kinds:
+        kind = kinds[what.upper()]
+        return Device(kind, DEVICE_KINDS[kind] * GiB)
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(GB|GIB|G)", what.upper())
+    if size:
+        return Device(f"{size.group(1)}GB", int(float(size.group(1)) * GiB))
+    if what == "cpu":
+        from dbrx.checkpoint import available_memory_bytes
+
+        return Device("cpu", available_memory_bytes())
+    if re.fullmatch(r"cuda(:\d+)?", what):
+        index = int(what.split(":")[1]) if ":" in what else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ValueError(f"--devices {spec!r}: {what} is not here (this machine has {found} CUDA devices); "
+                             "name the kind instead, e.g. 2xH200 or 2x80GB")
+        return Device(what, torch.cuda.get_device_properties(index).total_memory)
+    raise ValueError(f"--devices {spec!r}: {what!r} is neither a device kind ({', '.join(DEVICE_KINDS)}), a size "
+                     "such as 80GB, cuda:N nor cpu")
+
+
+def tensor_bytes(name: str, shape: torch.Size, dtype: torch.dtype, quant: str = "none", group_size: int = 128,
+                 include: tuple[str, ...] = (), num_experts: int = 1) -> int:
+    """Bytes of one checkpoint tensor as stored: quantised with its scales, or in `dtype`."""
+    n = shape.numel()
+    kind = ("experts" if ".ffn.experts.mlp." in name else "attention" if (".attn.Wqkv." in name or
+            ".attn.out_proj." in name) else "lm_head" if name == "lm_head.weight" else None)
+    if quant == "none" or kind is None or (kind != "experts" and kind not in include):
+        return n * dtype.itemsize
+    # output channels: rows of a [out, in] weight; the experts' w2 ([E*F, D], applied as h @ w2) is stored so that
+    # its scales are per output channel too, D per expert
+    if quant == "int8":
+        channels = n // (shape[0] // num_experts) if name.endswith("mlp.w2") else n // shape[-1]
+        return n + channels * dtype.itemsize
+    groups = -(-n // group_size)  # int4: a scale and a zero point per group along the input
+    return -(-n // 2) + groups * 2 * dtype.itemsize
+
+
+@dataclass
+class DevicePlan:
+    device: Device
+    parts: list[str] = field(default_factory=list)  # "embedding", "blocks 0-19", "head"
+    weight_bytes: int = 0
+    kv_bytes_per_token: int = 0
+
+    def kv_tokens(self) -> int | None:
+        """KV positions this device can hold after its weights (None: it holds no layer)."""
+        if not self.kv_bytes_per_token:
+            return None
+        return max(0, self.device.usable_bytes - self.weight_bytes) // self.kv_bytes_per_token
+
+
+@dataclass
+class Plan:
+    devices: list[DevicePlan]
+    max_model_len: int
+    quant: str
+    dtype: torch.dtype
+    kv_bytes_per_token: int
+    expert_bytes: int
+    other_bytes: int
+    layer_device: list[int]  # block i -> index into devices
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.expert_bytes + self.other_bytes
+
+    @property
+    def weights_fit(self) -> bool:
+        return all(d.weight_bytes <= d.device.usable_bytes for d in self.devices)
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most KV positions every device can hold at once (what a context or a batch's tokens can use)."""
+        return min((t for t in (d.kv_tokens() for d in self.devices) if t is not None), default=0)
+
+    @property
+    def fits(self) -> bool:
+        return self.weights_fit and self.kv_tokens >= self.max_model_len
+
+    def device_map(self) -> dict[str, str]:
+        """Module name -> torch device, as from_pretrained(device_map=...) takes it: a device given by its kind
+        or size is the CUDA device of its place in the list."""
+        def torch_name(d: int) -> str:
+            name = self.devices[d].device.name
+            return name if name == "cpu" or name.startswith("cuda") else f"cuda:{d}"
+
+        last = torch_name(self.layer_device[-1])
+        return {"transformer.wte": torch_name(0),
+                **{f"transformer.blocks.{i}": torch_name(d) for i, d in enumerate(self.layer_device)},
+                "transformer.norm_f": last, "lm_head": last}
+
+
+def module_bytes(config: DbrxConfig, dtype: torch.dtype, quant: str = "none", group_size: int = 128,
+                 include: tuple[str, ...] = ()) -> tuple[int, list[int], int, int]:
+    """(embedding bytes, each block's bytes, final norm + head bytes, expert bytes in all), from a meta model."""
+    from dbrx.model import DbrxForCausalLM
+
+    if quant not in QUANTS:
+        raise ValueError(f"quantisation {quant!r}: one of {', '.join(QUANTS)}")
+    bad = [i for i in include if i not in INCLUDABLE]
+    if bad:
+        raise ValueError(f"--include {','.join(bad)}: only {', '.join(INCLUDABLE)} can be quantised besides experts")
+    if quant == "int4" and (group_size < 1 or config.d_model % group_size or
+                            config.ffn_config.ffn_hidden_size % group_size):
+        raise ValueError(f"--group-size {group_size} must divide d_model ({config.d_model}) and ffn_hidden_size "
+                         f"({config.ffn_config.ffn_hidden_size})")
+    with torch.device("meta"):
+        model = DbrxForCausalLM(config)
+    blocks = [0] * config.n_layers
+    embedding = head = experts = 0
+    for name, p in model.state_dict().items():
+        size = tensor_bytes(name, p.shape, dtype, quant, group_size, include, config.num_experts)
+        if ".ffn.experts.mlp." in name:
+            experts += size
+        if name.startswith("transformer.blocks."):
+            blocks[int(name.split(".")[2])] += size
+        elif name.startswith("transformer.wte"):
+            embedding += size
+        else:
+            head += size
+    return embedding, blocks, head, experts
+
+
+def plan(config: DbrxConfig, devices: list[Device], max_model_len: int | None = None,
+         dtype: torch.dtype = torch.bfloat16, quant: str = "none", group_size: int = 128,
+         include: tuple[str, ...] = (), kv_dtype: torch.dtype | None = None) -> Plan:
+    """Blocks placed in order, each device taking a share of weights + KV cache proportional to its usable
+    memory; the embedding on the first device, the final norm and head on the last one that holds a block."""
+    from dbrx.model import KVCache
+
+    if not devices:
+        raise ValueError("no devices to plan for")
+    max_model_len = max_model_len or config.max_seq_len
+    embedding, blocks, head, experts = module_bytes(config, dtype, quant, group_size, include)
+    kv_token = KVCache.bytes_per_token(config, kv_dtype or dtype)
+    kv_layer = kv_token // config.n_layers
+    need = [b + kv_layer * max_model_len for b in blocks]
+    capacity = [d.usable_bytes for d in devices]
+    total, room = embedding + head + sum(need), sum(capacity) or 1
+    # device d takes what lies below its cumulative share of everything: a block goes where its middle falls
+    bounds = [total * sum(capacity[:d + 1]) / room for d in range(len(devices))]
+    layer_device, d, placed = [], 0, embedding
+    for n in need:
+        while d + 1 < len(devices) and placed + n / 2 > bounds[d]:
+            d += 1
+        layer_device.append(d)
+        placed += n
+    plans = [DevicePlan(dev) for dev in devices]
+    plans[0].parts.append("embedding")
+    plans[0].weight_bytes += embedding
+    for i, d in enumerate(layer_device):
+        plans[d].weight_bytes += blocks[i]
+        plans[d].kv_bytes_per_token += kv_layer
+    for d in sorted(set(layer_device)):
+        held = [i for i, x in enumerate(layer_device) if x == d]
+        plans[d].parts.append(f"blocks {held[0]}-{held[-1]}" if len(held) > 1 else f"block {held[0]}")
+    plans[layer_device[-1]].parts.append("final norm + head")
+    plans[layer_device[-1]].weight_bytes += head
+    return Plan(plans, max_model_len, quant, dtype, kv_token, experts, embedding + sum(blocks) + head - experts,
+                layer_device)
+
+
+def suggestions(config: DbrxConfig, devices: list[Device], max_model_len: int, dtype: torch.dtype, quant: str,
+                group_size: int, include: tuple[str, ...]) -> list[str]:
+    """What would fit where this does not: a lower-bit quantisation on these devices, more of the same devices,
+    or the longest context these devices hold."""
+    out = []
+    for q in QUANTS[QUANTS.index(quant) + 1:]:
+        if plan(config, devices, max_model_len, dtype, q, group_size, include).fits:
+            out.append(f"--quant {q} on these devices")
+            break
+    kinds = {d.name for d in devices}
+    if len(kinds) == 1 and not devices[0].name.startswith(("cuda", "cpu")):
+        for n in range(len(devices) + 1, 65):
+            if plan(config, [devices[0]] * n, max_model_len, dtype, quant, group_size, include).fits:
+                out.append(f"--devices {n}x{devices[0].name} (quantisation {quant})")
+                break
+    current = plan(config, devices, max_model_len, dtype, quant, group_size, include)
+    if current.weights_fit and 0 < current.kv_tokens < max_model_len:
+        out.append(f"--max-model-len {current.kv_tokens} (the longest context these devices hold)")
+    return out

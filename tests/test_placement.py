@@ -1,0 +1,99 @@
+"""The inference fit planner (dbrx.placement, `dbrx info --devices`): DBRX Instruct's sizes under each
+quantisation, planned on the meta device, and the device specs and errors a user types."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dbrx.config import DbrxConfig
+from dbrx.placement import GiB, RESERVE_BYTES, parse_devices, plan, suggestions, tensor_bytes
+
+INSTRUCT = DbrxConfig.from_name("dbrx-instruct")
+
+
+def test_dbrx_instruct_int8_fits_one_h200_bf16_needs_two_int4_fits_one_80gb_at_8k():
+    int8 = plan(INSTRUCT, parse_devices("1xH200"), 32768, torch.bfloat16, "int8")
+    assert int8.fits and 126 * GiB < int8.weight_bytes < 128 * GiB  # "about 127 GiB"
+    left = int8.devices[0].device.memory_bytes - int8.weight_bytes
+    assert 8 * GiB <= left <= 15 * GiB and int8.kv_bytes_per_token == 160 * 2**10  # 160 KiB per token in bf16
+    bf16 = plan(INSTRUCT, parse_devices("1xH200"), 32768)
+    assert not bf16.fits and not bf16.weights_fit and 244 * GiB < bf16.weight_bytes < 246 * GiB  # 245 GiB
+    two = plan(INSTRUCT, parse_devices("2xH200"), 32768)
+    assert two.fits and [d.parts for d in two.devices] == [["embedding", "blocks 0-19"],
+                                                             ["blocks 20-39", "final norm + head"]]
+    int4 = plan(INSTRUCT, parse_devices("1x80GB"), 8192, torch.bfloat16, "int4", 128)
+    assert int4.fits and 68 * GiB <= int4.weight_bytes <= 72 * GiB  # "68-72 GiB"
+    assert suggestions(INSTRUCT, parse_devices("1xH200"), 32768, torch.bfloat16, "none", 128, ()) == [
+        "--quant int8 on these devices", "--devices 2xH200 (quantisation none)"]
+
+
+def test_quantised_bytes_count_weights_and_scales_as_stored():
+    E, F, D = 16, 10752, 6144
+    shape = torch.Size([E * F, D])
+    bf16 = torch.bfloat16
+    assert tensor_bytes("transformer.blocks.0.ffn.experts.mlp.w1", shape, bf16, "int8", num_experts=E) == \
+        E * F * D + E * F * 2  # a byte per weight, a bf16 scale per output row
+    assert tensor_bytes("transformer.blocks.0.ffn.experts.mlp.w2", shape, bf16, "int8", num_experts=E) == \
+        E * F * D + E * D * 2  # w2 is applied as h @ w2: its output channels are D per expert
+    assert tensor_bytes("transformer.blocks.0.ffn.experts.mlp.v1", shape, bf16, "int4", 128) == \
+        E * F * D // 2 + E * F * D // 128 * 4  # half a byte, a bf16 scale and zero per 128 weights
+    attn = torch.Size([D + 2 * 1024, D])
+    assert tensor_bytes("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight", attn, bf16, "int8") == \
+        attn.numel() * 2  # attention stays in bf16 unless included
+    assert tensor_bytes("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight", attn, bf16, "int8",
+                        include=("attention",)) == attn.numel() + attn[0] * 2
+    with_head = plan(INSTRUCT, parse_devices("1xH200"), 4096, torch.bfloat16, "int8", include=("lm_head",))
+    plain = plan(INSTRUCT, parse_devices("1xH200"), 4096, torch.bfloat16, "int8")
+    head = INSTRUCT.vocab_size * INSTRUCT.d_model
+    assert plain.weight_bytes - with_head.weight_bytes == head * 2 - (head + INSTRUCT.vocab_size * 2)
+
+
+def test_blocks_follow_each_devices_memory_and_the_device_map_names_torch_devices():
+    mixed = plan(INSTRUCT, parse_devices("H200,80GB"), 8192, torch.bfloat16, "int8")
+    held = [sum(1 for d in mixed.layer_device if d == i) for i in range(2)]
+    assert held[0] > held[1] > 0 and sum(held) == 40 and mixed.fits
+    share = [d.weight_bytes / d.device.usable_bytes for d in mixed.devices]
+    assert abs(share[0] - share[1]) < 0.1  # filled alike, relative to each device's memory
+    dmap = mixed.device_map()
+    assert dmap["transformer.wte"] == "cuda:0" and dmap["lm_head"] == dmap["transformer.norm_f"] == "cuda:1"
+    assert dmap["transformer.blocks.0"] == "cuda:0" and dmap["transformer.blocks.39"] == "cuda:1"
+    assert [d.device.name for d in plan(INSTRUCT, parse_devices("4x80GB"), 4096).devices] == ["80GB"] * 4
+    assert all(d.device.usable_bytes == d.device.memory_bytes - RESERVE_BYTES for d in mixed.devices)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("2xTPU", "'TPU' is neither a device kind"), ("0xH200", "a count of 0"), ("H200,", "an empty item"),
+    ("cuda:0", "cuda:0 is not here"), ("2xcuda:0", "repeats one device"),
+])
+def test_device_specs_that_are_wrong_say_what_was_expected(spec, message):
+    if spec == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(ValueError, match=message):
+        parse_devices(spec)
+
+
+def _info(*args):
+    return subprocess.run([sys.executable, "-m", "dbrx", "info", "--preset", "dbrx-instruct", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dbrx_info_devices_prints_the_plan_and_json_has_a_boolean_fits():
+    r = _info("--devices", "1xH200", "--quant", "int8", "--max-model-len", "32768", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fits"] is True and out["kv_tokens_fit"] >= 32768 and out["devices"][0]["device"] == "H200"
+    assert out["kv_cache_bytes_per_token"] == 163840 and out["quantized"] == ["experts"]
+    r = _info("--devices", "1xH200")
+    assert r.returncode == 0 and "does NOT fit: device 0 needs 245.1 GiB" in r.stdout
+    assert "would fit: --quant int8 on these devices" in r.stdout and "--devices 2xH200" in r.stdout
+    r = _info("--devices", "1x80GB", "--quant", "int4", "--max-model-len", "8192")
+    assert r.returncode == 0 and "  fits:" in r.stdout
+    for args, said in ((["--quant", "int8"], "give --devices too"),
+                       (["--devices", "1xH200", "--max-model-len", "40000"], "between 1 and the model's max_seq_len"),
+                       (["--devices", "1xH200", "--quant", "int4", "--group-size", "100"], "must divide d_model"),
+                       (["--devices", "1xH200", "--quant", "int8", "--include", "router"], "only attention, lm_head")):
+        r = _info(*args)
+        assert r.returncode == 2 and said in r.stderr, (args, r.stderr)
