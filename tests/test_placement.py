@@ -97,3 +97,78 @@ def test_dbrx_info_devices_prints_the_plan_and_json_has_a_boolean_fits():
                        (["--devices", "1xH200", "--quant", "int8", "--include", "router"], "only attention, lm_head")):
         r = _info(*args)
         assert r.returncode == 2 and said in r.stderr, (args, r.stderr)
+
+
+def _two_devices() -> list[str]:
+    """Two devices to spread a model over: two GPUs where there are, else the CPU twice (the same code path)."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cuda:0", "cuda:1"] if n >= 2 else ["cpu", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from dbrx import DbrxForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = DbrxConfig.from_name("dbrx-tiny").replace(vocab_size=300, n_layers=3, max_seq_len=128)
+    DbrxForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_a_model_spread_over_two_devices_gives_the_same_logits_tokens_and_served_tokens(tiny_dir):
+    from dbrx import DbrxForCausalLM, generate
+    from dbrx.placement import layer_devices
+    from dbrx.serve import Engine, SamplingParams
+
+    d0, d1 = _two_devices()
+    one = DbrxForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, device=d0)
+    dmap = {"transformer.wte": d0, "transformer.blocks.0": d0, "transformer.blocks.1": d1,
+            "transformer.blocks.2": d1, "transformer.norm_f": d1, "lm_head": d1}
+    spread = DbrxForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, device_map=dmap)
+    assert [str(d) for d in layer_devices(spread)] == [d0, d1, d1]
+    assert all(hasattr(m, "_dbrx_dispatch") for m in [*spread.transformer.blocks, spread.lm_head])
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1)).to(d0)
+    with torch.no_grad():
+        want, got = one(ids, output_router_logits=True), spread(ids, output_router_logits=True)
+    assert got.logits.device == ids.device
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=0, atol=1e-6)
+    prompt = ids[0, :9].tolist()
+    assert generate(spread, prompt, 12) == generate(one, prompt, 12)
+    engine = Engine(spread, max_num_seqs=2)
+    engine.add_request("a", prompt, SamplingParams(max_tokens=12))
+    engine.add_request("b", ids[1, :5].tolist(), SamplingParams(max_tokens=6))
+    got_tokens: dict = {"a": [], "b": []}
+    while engine.has_work():
+        for o in engine.step():
+            got_tokens[o.request_id] += o.token_ids
+    assert got_tokens == {"a": generate(one, prompt, 12), "b": generate(one, ids[1, :5].tolist(), 6)}
+
+
+def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(tiny_dir):
+    from dbrx import DbrxForCausalLM
+
+    auto = DbrxForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, device_map="auto",
+                                           max_memory={"cpu": "4GiB"})
+    assert {str(p.device) for p in auto.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="do not fit: cpu would need"):
+        DbrxForCausalLM.from_pretrained(tiny_dir, device_map="auto", max_memory={"cpu": 1000})
+    with pytest.raises(ValueError, match="'transformer.block.1' is not a module"):
+        DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"": "cpu", "transformer.block.1": "cpu"})
+    with pytest.raises(ValueError, match="is not a torch device"):
+        DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"": "gpu7"})
+    with pytest.raises(ValueError, match="places no module that holds 'lm_head.weight'"):
+        DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"transformer": "cpu"})
+
+
+def test_generate_with_devices_spreads_the_model_and_prints_the_same_text(tmp_path):
+    init = [sys.executable, "-m", "dbrx", "init", "--preset", "dbrx-tiny", "--out", str(tmp_path / "m")]
+    assert subprocess.run(init, capture_output=True, timeout=120).returncode == 0
+    run = [sys.executable, "-m", "dbrx", "generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "8",
+           "--dtype", "float32", "def f(x):"]
+    alone = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    spread = subprocess.run(run + ["--devices", ",".join(_two_devices())], capture_output=True, text=True,
+                            timeout=120)
+    assert alone.returncode == spread.returncode == 0, spread.stderr
+    assert spread.stdout == alone.stdout and alone.stdout.strip()

@@ -126,7 +126,14 @@ def check_against(state: dict[str, torch.Tensor], header: dict, path: Path) -> N
         raise CheckpointError(f"{path}: weights do not match config.json: " + "; ".join(problems))
 
 
-def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
+def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=None, max_memory=None):
+    """The model on `device`, or with `device_map` ("auto", or module name -> device, as transformers takes it) its
+    blocks on several devices: each tensor is read and sent to its module's device one at a time, so host memory
+    stays about one tensor above what is loaded there, and dbrx.placement.dispatch moves activations between
+    devices at block boundaries. "auto" plans from config.json alone (dbrx.placement.plan) over `max_memory`
+    ({device or CUDA index: bytes or "70GiB"}), else every visible CUDA device, else the CPU."""
+    from dbrx.placement import check_device_map, device_for, dispatch
+
     path = Path(path)
     config = DbrxConfig.from_pretrained(path)
     header = read_header(path)
@@ -134,22 +141,59 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu"):
     with torch.device("meta"):
         model = cls(config)
     check_against(model.state_dict(), header, path)
+    if device_map == "auto":
+        device_map = auto_device_map(config, dtype, max_memory)
+    elif device_map is not None:
+        if not isinstance(device_map, dict):
+            raise ValueError(f"device_map must be \"auto\" or a dict of module name -> device, got {device_map!r}")
+        check_device_map(model, device_map)
+    target = (lambda name: device_for(name, device_map)) if device_map is not None else (lambda name: str(device))
 
-    device = str(device)
     state = {}
     for file in dict.fromkeys(f for _, _, f in header.values()):
-        with _open(file, device=device) as f:
+        with _open(file, device="cpu" if device_map is not None else str(device)) as f:
             for name in f.keys():
                 try:
                     t = f.get_tensor(name)
                 except SafetensorError as e:
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated file?): {e}") from None
-                state[name] = t.to(dtype) if t.dtype != dtype else t
+                state[name] = t.to(device=target(name), dtype=dtype)
+                del t
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.relayout_lm_head(column_major_head_is_faster(model.lm_head.weight))
+    if device_map is not None:
+        dispatch(model, device_map)
     model.config.dtype = dtype_name(dtype)
     return model.eval()
+
+
+def auto_device_map(config: DbrxConfig, dtype: torch.dtype, max_memory: dict | None = None) -> dict[str, str]:
+    """device_map="auto": blocks by dbrx.placement.plan over max_memory's devices (each size is what the model may
+    use there), else every visible CUDA device, else the CPU; refused, naming the shortfall, when the weights do not
+    fit."""
+    from dbrx.placement import RESERVE_BYTES, Device, parse_devices, plan
+
+    if max_memory:
+        devices = []
+        for key, size in max_memory.items():
+            name = f"cuda:{key}" if isinstance(key, int) else str(key)
+            try:
+                torch.device(name)
+            except RuntimeError:
+                raise ValueError(f"max_memory key {key!r} is not a device (cpu, cuda:0 or a CUDA index)") from None
+            devices.append(Device(name, parse_size(size) + RESERVE_BYTES))
+    elif torch.cuda.is_available():
+        devices = parse_devices(",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
+    else:
+        devices = parse_devices("cpu")
+    p = plan(config, devices, min(config.max_seq_len, 4096), dtype)
+    if not p.weights_fit:
+        worst = max(p.devices, key=lambda d: d.weight_bytes - d.device.usable_bytes)
+        raise ValueError(f"device_map=\"auto\": the weights ({p.weight_bytes / 2**30:.1f} GiB in {dtype_name(dtype)}) "
+                         f"do not fit: {worst.device.name} would need {worst.weight_bytes / 2**30:.1f} GiB, "
+                         f"{worst.device.usable_bytes / 2**30:.1f} GiB usable; give more devices or max_memory")
+    return p.device_map()
 
 
 def parse_size(size: int | str) -> int:

@@ -182,15 +182,25 @@ def _refuse_if_too_big(nbytes: int, what: str) -> None:
 
 def _load_model(args) -> DbrxForCausalLM:
     """Loads in --dtype: as stored (None), a named dtype, or `auto` (dbrx.perf.choose_inference_dtype: measured
-    on this device, reported on stderr)."""
+    on this device, reported on stderr); with --devices, spread over them by dbrx.placement's plan."""
     from dbrx.perf import choose_inference_dtype
+    from dbrx.placement import parse_devices, plan
 
     header = read_header(args.model)
-    cpu = torch.device(args.device).type == "cpu"
+    devices = getattr(args, "devices", None)
+    spread = parse_devices(devices) if devices else None
+    device = args.device if not spread else "cpu" if spread[0].name == "cpu" else "cuda"
+    cpu = torch.device(device).type == "cpu"
     n_params = sum(int(torch.Size(shape).numel()) for shape, _, _ in header.values())
-    dtype = choose_inference_dtype(args.dtype, args.device, checkpoint_dtype(header), n_params,
-                                   available_memory_bytes() if cpu else None,
+    dtype = choose_inference_dtype(args.dtype, device, checkpoint_dtype(header), n_params,
+                                   available_memory_bytes() if cpu and not spread else None,
                                    log=lambda msg: print(msg, file=sys.stderr))
+    if spread:
+        layout = plan(DbrxConfig.from_pretrained(args.model), spread, dtype=dtype)
+        if not layout.weights_fit:
+            raise UserError(f"--devices {devices}: the weights ({layout.weight_bytes / GiB:.1f} GiB in "
+                            f"{dtype_name(dtype)}) do not fit; see dbrx info --model {args.model} --devices {devices}")
+        return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=layout.device_map())
     if cpu:
         _refuse_if_too_big(n_params * dtype.itemsize, f"the model in {args.model}")
     return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
@@ -488,6 +498,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help="auto (default: the fastest on this device, measured at start-up), float32, bfloat16, "
                         "float16, or stored (as in the checkpoint)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
+                                                   "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> / <|im_end|>")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
@@ -596,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write results.json and examples.jsonl here")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
+                                                   "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the programs the model writes for code_evaluation tasks, each in a sandbox (its "
                         "own directory, no network, a read-only filesystem, limits on time, memory, files and "
@@ -671,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
+                                                   "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
     p.set_defaults(func=cmd_serve)
     return parser
 

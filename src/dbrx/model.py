@@ -32,13 +32,15 @@ class KVCache:
     """A preallocated cache per layer, [B, G, max_len, hd], written at explicit slot positions.
 
     Slots are shared by the batch: with left padding, row b's first real token sits at slot pad_b, and the
-    attention mask (not the slot) tells which slots hold real tokens."""
+    attention mask (not the slot) tells which slots hold real tokens. `device` may be a list, one device per layer,
+    for a model whose blocks sit on several devices."""
 
     def __init__(self, config: DbrxConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        shape = (config.n_layers, batch_size, config.kv_n_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 device: torch.device | str | list):
+        shape = (batch_size, config.kv_n_heads, max_len, config.head_dim)
+        devices = device if isinstance(device, list) else [device] * config.n_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.max_len = max_len
 
     @staticmethod
@@ -49,9 +51,9 @@ class KVCache:
         end = start + k_BGTD.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
-        self.k[layer, :, :, start:end] = k_BGTD
-        self.v[layer, :, :, start:end] = v_BGTD
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k_BGTD
+        self.v[layer][:, :, start:end] = v_BGTD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
@@ -253,10 +255,13 @@ class DbrxForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu") -> "DbrxForCausalLM":
+                        device: torch.device | str = "cpu", device_map: str | dict | None = None,
+                        max_memory: dict | None = None) -> "DbrxForCausalLM":
+        """A checkpoint directory, on `device`; or with device_map ("auto" or {module name: device}) over several
+        devices (dbrx.checkpoint.load_pretrained)."""
         from dbrx.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return load_pretrained(cls, path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         from dbrx.checkpoint import save_pretrained

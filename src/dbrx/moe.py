@@ -278,7 +278,7 @@ def router_statistics(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ..
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(routed token copies per expert [E], router probability summed per expert [E], rows), over all layers,
     leaving out padding positions (attention_mask == 0). Sums, so that ranks can add theirs up."""
-    logits_LNE = torch.stack([lg.float() for lg in router_logits])
+    logits_LNE = torch.stack([lg.float().to(router_logits[0].device) for lg in router_logits])  # blocks may differ
     probs_LNE = logits_LNE.softmax(dim=-1)
     chosen_LNK = probs_LNE.topk(top_k, dim=-1).indices
     one_hot_LNE = F.one_hot(chosen_LNK, num_experts).sum(dim=2).float()

@@ -1,5 +1,6 @@
-"""Where an inference model goes: device specs, weight bytes under weight-only quantisation, and a per-device plan
-made from the config alone (nothing is loaded; the model is built on the meta device).
+"""Where an inference model goes: device specs, weight bytes under weight-only quantisation, a per-device plan
+made from the config alone (nothing is loaded; the model is built on the meta device), and `dispatch`, which runs
+a model whose blocks sit on several devices.
 
 A plan places the embedding on the first device, the blocks in order so that each device's share of weights plus
 KV cache (at `max_model_len` tokens) follows its usable memory, and the final norm and head on the last device.
@@ -80,7 +81,7 @@ def _device(what: str, spec: str) -> Device:
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
             raise ValueError(f"--devices {spec!r}: {what} is not here (this machine has {found} CUDA devices); "
-                             "name the kind instead, e.g. 2xH200 or 2x80GB")
+                             "to plan for devices elsewhere, name their kind: dbrx info --devices 2xH200")
         return Device(what, torch.cuda.get_device_properties(index).total_memory)
     raise ValueError(f"--devices {spec!r}: {what!r} is neither a device kind ({', '.join(DEVICE_KINDS)}), a size "
                      "such as 80GB, cuda:N nor cpu")
@@ -247,3 +248,59 @@ def suggestions(config: DbrxConfig, devices: list[Device], max_model_len: int, d
     if current.weights_fit and 0 < current.kv_tokens < max_model_len:
         out.append(f"--max-model-len {current.kv_tokens} (the longest context these devices hold)")
     return out
+
+
+# ---- several devices -------------------------------------------------------------------------------------------
+def device_for(name: str, device_map: dict[str, str]) -> str:
+    """The device of a parameter or module name: its longest prefix in device_map ("" maps everything)."""
+    best = None
+    for prefix in device_map:
+        if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and (best is None or
+                                                                                   len(prefix) > len(best)):
+            best = prefix
+    if best is None:
+        raise ValueError(f"device_map places no module that holds {name!r}; give it a device (or use \"auto\")")
+    return device_map[best]
+
+
+def check_device_map(model: torch.nn.Module, device_map: dict[str, str]) -> None:
+    """Every key names a module of the model and every value is a torch device."""
+    modules = dict(model.named_modules())
+    for prefix, device in device_map.items():
+        if prefix and prefix not in modules:
+            near = ", ".join(m for m in modules if m.count(".") <= 2 and m.startswith(prefix.split(".")[0]))[:200]
+            raise ValueError(f"device_map key {prefix!r} is not a module of the model (modules: {near or '...'})")
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device_map[{prefix!r}] = {device!r} is not a torch device (cpu, cuda:0, ...)") from None
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True) if x.device != device else x
+    if isinstance(x, tuple):
+        return tuple(_to(t, device) for t in x)
+    return x
+
+
+def dispatch(model, device_map: dict[str, str]) -> None:
+    """Run a model whose modules sit on the devices of `device_map` (placed already, e.g. by loading): each block,
+    the final norm and the head get their inputs moved to their own device at their boundary, and the head's
+    output (the logits) goes back to the embedding's device, where the caller's inputs live. Nothing moves when
+    everything is on one device. The model file is unchanged: this is applied from outside."""
+    home = model.transformer.wte.weight.device
+    modules = [*model.transformer.blocks, model.transformer.norm_f, model.lm_head]
+    for module in modules:
+        device = next(module.parameters()).device
+        for handle in getattr(module, "_dbrx_dispatch", ()):
+            handle.remove()
+        module._dbrx_dispatch = [module.register_forward_pre_hook(
+            lambda m, args, device=device: tuple(_to(a, device) for a in args))]
+    model.lm_head._dbrx_dispatch.append(model.lm_head.register_forward_hook(
+        lambda m, args, out: _to(out, home)))
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device of each block (where its KV cache belongs)."""
+    return [block.norm_attn_norm.attn.Wqkv.weight.device for block in model.transformer.blocks]

@@ -26,6 +26,7 @@ import torch
 
 from dbrx.generate import sample
 from dbrx.model import DbrxForCausalLM, causal_mask
+from dbrx.placement import layer_devices
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class _Request:
 
 
 class SlotCache:
-    """One KV slot per request, [layers, slots, G, max_len, hd]. A step's forward takes one row that packs the
+    """One KV slot per request, per layer [slots, G, max_len, hd] on that layer's device. A step's forward takes one row that packs the
     decoding requests' tokens (one each, first) and then the prompt chunks; `bind` says whose they are. Each
     attention layer then calls `attend`, which writes the new keys and values into their slots and attends
     the decoding tokens as a batch (each row against its own slot, a mask per row) and each chunk against its
@@ -71,9 +72,11 @@ class SlotCache:
 
     def __init__(self, model: DbrxForCausalLM, num_slots: int, max_len: int):
         cfg, param = model.config, next(model.parameters())
-        shape = (cfg.n_layers, num_slots, cfg.attn_config.kv_n_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        shape = (num_slots, cfg.attn_config.kv_n_heads, max_len, cfg.head_dim)
+        devices = layer_devices(model)  # each layer's slots live with its block
+        self.k = [torch.zeros(shape, dtype=param.dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=param.dtype, device=d) for d in devices]
+        self.devices = list(dict.fromkeys(devices))
         self.max_len = max_len
 
     def bind(self, decode: list[tuple[int, int]], chunks: list[tuple[int, int, int]]) -> None:
@@ -83,36 +86,37 @@ class SlotCache:
             if start + n > self.max_len:
                 raise ValueError(f"slot cache holds {self.max_len} positions; writing up to position {start + n}")
         self.decode, self.chunks = decode, chunks
-        device = self.k.device
-        # chunk c's query t sees its slot's keys 0 .. start + t (causal from its offset; plain causal from 0)
-        self.chunk_masks = [None if start == 0 else causal_mask(None, start, n, device) for _, start, n in chunks]
-        if decode:
-            self.slots_D = torch.tensor([s for s, _ in decode], device=device)
-            self.positions_D = torch.tensor([p for _, p in decode], device=device)
-            self.decode_end = max(p for _, p in decode) + 1
+        self.index: dict[torch.device, tuple] = {}  # per device: (slots_D, positions_D, mask_D11S, chunk masks)
+        self.decode_end = max((p for _, p in decode), default=-1) + 1
+        for device in self.devices:
+            # chunk c's query t sees its slot's keys 0 .. start + t (causal from its offset; plain causal from 0)
+            chunk_masks = [None if start == 0 else causal_mask(None, start, n, device) for _, start, n in chunks]
+            slots_D = torch.tensor([s for s, _ in decode], device=device)
+            positions_D = torch.tensor([p for _, p in decode], device=device)
             # decoding row d sees its slot's keys 0 .. positions[d]: its own history, never stale positions
-            self.mask_D11S = (torch.arange(self.decode_end, device=device) <= self.positions_D[:, None])[:, None, None]
+            mask_D11S = (torch.arange(self.decode_end, device=device) <= positions_D[:, None])[:, None, None]
+            self.index[device] = slots_D, positions_D, mask_D11S, chunk_masks
 
     def attend(self, layer: int, q_1HNd, k_1GNd, v_1GNd, sdpa) -> torch.Tensor:
         """Store the row's new keys/values in their slots and return the attention output [1, H, N, hd];
         `sdpa(q, k, v, mask, causal)` is the layer's attention (its dtype and grouped heads)."""
         o_1HNd = torch.empty_like(q_1HNd)
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        slots_D, positions_D, mask_D11S, chunk_masks = self.index[k_cache.device]
         D = len(self.decode)
         if D:
-            k_cache, v_cache = self.k[layer], self.v[layer]
-            k_cache[self.slots_D, :, self.positions_D] = k_1GNd[0, :, :D].transpose(0, 1)
-            v_cache[self.slots_D, :, self.positions_D] = v_1GNd[0, :, :D].transpose(0, 1)
-            keys_DGSd = k_cache[self.slots_D, :, :self.decode_end]
-            values_DGSd = v_cache[self.slots_D, :, :self.decode_end]
+            k_cache[slots_D, :, positions_D] = k_1GNd[0, :, :D].transpose(0, 1)
+            v_cache[slots_D, :, positions_D] = v_1GNd[0, :, :D].transpose(0, 1)
+            keys_DGSd, values_DGSd = k_cache[slots_D, :, :self.decode_end], v_cache[slots_D, :, :self.decode_end]
             q_DH1d = q_1HNd[0, :, :D].transpose(0, 1)[:, :, None]
-            o_1HNd[0, :, :D] = sdpa(q_DH1d, keys_DGSd, values_DGSd, self.mask_D11S, False)[:, :, 0].transpose(0, 1)
+            o_1HNd[0, :, :D] = sdpa(q_DH1d, keys_DGSd, values_DGSd, mask_D11S, False)[:, :, 0].transpose(0, 1)
         offset = D
-        for (slot, start, n), mask in zip(self.chunks, self.chunk_masks):
+        for (slot, start, n), mask in zip(self.chunks, chunk_masks):
             end = start + n
-            self.k[layer, slot, :, start:end] = k_1GNd[0, :, offset:offset + n]
-            self.v[layer, slot, :, start:end] = v_1GNd[0, :, offset:offset + n]
-            o_1HNd[:, :, offset:offset + n] = sdpa(q_1HNd[:, :, offset:offset + n], self.k[layer, slot, :, :end][None],
-                                                   self.v[layer, slot, :, :end][None], mask, start == 0 and n > 1)
+            k_cache[slot, :, start:end] = k_1GNd[0, :, offset:offset + n]
+            v_cache[slot, :, start:end] = v_1GNd[0, :, offset:offset + n]
+            o_1HNd[:, :, offset:offset + n] = sdpa(q_1HNd[:, :, offset:offset + n], k_cache[slot, :, :end][None],
+                                                   v_cache[slot, :, :end][None], mask, start == 0 and n > 1)
             offset += n
         return o_1HNd
 
