@@ -200,10 +200,18 @@ def _load_model(args) -> DbrxForCausalLM:
         if not layout.weights_fit:
             raise UserError(f"--devices {devices}: the weights ({layout.weight_bytes / GiB:.1f} GiB in "
                             f"{dtype_name(dtype)}) do not fit; see dbrx info --model {args.model} --devices {devices}")
-        return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=layout.device_map())
-    if cpu:
-        _refuse_if_too_big(n_params * dtype.itemsize, f"the model in {args.model}")
-    return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+        model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=layout.device_map())
+    else:
+        if cpu:
+            _refuse_if_too_big(n_params * dtype.itemsize, f"the model in {args.model}")
+        model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+    quant = getattr(args, "quant", "none")
+    if quant != "none":
+        from dbrx.quant import QuantConfig, quantize
+
+        chosen = quantize(model, QuantConfig(int(quant[3:]), args.group_size))
+        print(f"quantised the experts to {quant} (kernel: {chosen['experts']}, measured)", file=sys.stderr)
+    return model
 
 
 def _stream(model, tokenizer, prompt_ids: list[int], args) -> list[int]:
@@ -500,6 +508,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
                                                    "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> / <|im_end|>")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
@@ -610,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
                                                    "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the programs the model writes for code_evaluation tasks, each in a sandbox (its "
                         "own directory, no network, a read-only filesystem, limits on time, memory, files and "
@@ -687,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
                                                    "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -292,7 +292,7 @@ def dispatch(model, device_map: dict[str, str]) -> None:
     home = model.transformer.wte.weight.device
     modules = [*model.transformer.blocks, model.transformer.norm_f, model.lm_head]
     for module in modules:
-        device = next(module.parameters()).device
+        device = next(iter([*module.parameters(), *module.buffers()])).device  # a quantised head has buffers
         for handle in getattr(module, "_dbrx_dispatch", ()):
             handle.remove()
         module._dbrx_dispatch = [module.register_forward_pre_hook(
@@ -303,4 +303,4 @@ def dispatch(model, device_map: dict[str, str]) -> None:
 
 def layer_devices(model) -> list[torch.device]:
     """The device of each block (where its KV cache belongs)."""
-    return [block.norm_attn_norm.attn.Wqkv.weight.device for block in model.transformer.blocks]
+    return [block.norm_attn_norm.norm_1.weight.device for block in model.transformer.blocks]

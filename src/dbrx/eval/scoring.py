@@ -74,7 +74,7 @@ def score_groups(model, groups: list[list[Pair]], batch_size: int, progress=None
     """Scores per group, in the order of `groups` (a group: the pairs of one question, sharing a context or
     part of one). `batch_size` counts rows (about one per group); `progress(n)` is called with the number of
     rows done after each batch."""
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     for group in groups:
         if any(len(ctx) == 0 for ctx, _ in group):
             raise ValueError("a pair has an empty context: the first continuation token has nothing to follow")

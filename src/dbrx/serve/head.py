@@ -69,10 +69,10 @@ def use_blocked_head(model: DbrxForCausalLM, rows: int) -> str | None:
     """Give model.lm_head a BlockedHead for several rows where, on this machine, its logits equal the stored head's
     for every row count from 2 to `rows` (up to 16, and `rows` itself) and it is at least 10% faster at `rows`
     rows. Returns a line saying what was measured and chosen, or None where it was not tried (not a CPU, a
-    single row, already done)."""
+    single row, a head already blocked or quantised)."""
     head = model.lm_head
-    if head.weight.device.type != "cpu" or rows < 2 or isinstance(head, BlockedHead):
-        return None
+    if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu" or rows < 2:
+        return None  # a head already blocked or quantised, off the CPU, or a single row
     blocked = BlockedHead(head)
     x_RD = torch.randn(rows, head.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(head.weight.dtype)
     same = all(torch.equal(blocked(x_RD[:r]), head(x_RD[:r])) for r in [*range(2, min(rows, 16) + 1), rows])

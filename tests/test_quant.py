@@ -1,0 +1,136 @@
+"""Weight-only int8/int4 quantisation (dbrx.quant): the codes and scales, both kernels (torch's packed CPU kernel
+and dequantise-then-matmul) agreeing, quantised experts computing what the float experts compute with the
+dequantised weights, and the quality gates on the trained `make demo` checkpoint where it exists."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dbrx import DbrxForCausalLM, generate
+from dbrx.config import DbrxConfig
+from dbrx.quant import QuantConfig, QuantExperts, QuantLinear, QuantWeights, quantize, quantize_int4, quantize_int8
+
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo" / "hf"
+DATA = Path(__file__).resolve().parents[1] / "runs" / "data" / "stdlib"
+
+
+def test_int8_and_int4_codes_reconstruct_within_half_a_step():
+    w = torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (3, 40)
+    assert ((q.float() * scale[..., None] - w).abs() <= scale[..., None] / 2 + 1e-6).all()
+    q4, sz = quantize_int4(w, 64)
+    assert q4.min() >= 0 and q4.max() <= 15 and sz.shape == (3, 4, 40, 2)
+    scale4, zero4 = sz[..., 0].transpose(1, 2), sz[..., 1].transpose(1, 2)  # [3, 40, 4]
+    deq = ((q4.view(3, 40, 4, 64).float() - 8) * scale4[..., None] + zero4[..., None]).view(3, 40, 256)
+    assert ((deq - w).abs() <= scale4.repeat_interleave(64, -1) / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_kernel_and_the_fallback_compute_the_same_product(bits, dtype):
+    w = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    packed = QuantWeights(w, QuantConfig(bits, 128), kernel="packed")
+    fallback = QuantWeights(w, QuantConfig(bits, 128), kernel="dequantize")
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for e in range(2):
+        want = F.linear(x.float(), fallback.dequantized(e).float())
+        torch.testing.assert_close(packed.mm(x, e).float(), want, rtol=tol, atol=tol * want.abs().max().item())
+        torch.testing.assert_close(fallback.mm(x, e).float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert QuantWeights(w, QuantConfig(bits, 128)).kernel in ("packed", "dequantize")  # measured
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_experts_compute_the_float_experts_on_the_dequantised_weights(bits):
+    from dbrx.moe import DbrxFFN
+
+    cfg = DbrxConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=100, max_seq_len=32,
+                     attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": 96, "moe_num_experts": 6,
+                                                               "moe_top_k": 2})
+    torch.manual_seed(0)
+    ffn = DbrxFFN(cfg).eval()
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    quantized = QuantExperts(ffn.experts, QuantConfig(bits, 32))
+    reference = QuantExperts(ffn.experts, QuantConfig(bits, 32), kernel="dequantize")
+    E, Fh, D = 6, 96, 64
+    with torch.no_grad():  # the float experts with exactly the quantised weights
+        ffn.experts.mlp.w1.copy_(torch.stack([reference.w1.dequantized(e) for e in range(E)]).view(E * Fh, D))
+        ffn.experts.mlp.v1.copy_(torch.stack([reference.v1.dequantized(e) for e in range(E)]).view(E * Fh, D))
+        ffn.experts.mlp.w2.copy_(torch.stack([reference.w2.dequantized(e).t() for e in range(E)]).reshape(E * Fh, D))
+    x = torch.randn(7, D)
+    with torch.inference_mode():
+        _, weights, experts = ffn.router(x)
+        for n in (1, 7):  # one token, several
+            want = ffn.experts(x[:n], weights[:n], experts[:n], impl="reference")
+            for q in (quantized, reference):  # the measured kernel and the fallback
+                torch.testing.assert_close(q(x[:n], weights[:n], experts[:n]), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="for inference"):
+        quantized(x.requires_grad_(), weights, experts)
+
+
+def test_quantize_a_model_in_place_with_attention_and_head_and_generate():
+    torch.manual_seed(0)
+    cfg = DbrxConfig.from_name("dbrx-tiny").replace(vocab_size=256, n_layers=2)
+    model = DbrxForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        want = model(ids).logits
+    quantized = copy.deepcopy(model)
+    chosen = quantize(quantized, QuantConfig(8, include=("attention", "lm_head")))
+    assert set(chosen) == {"experts", "attention", "lm_head"}
+    assert isinstance(quantized.lm_head, QuantLinear)
+    assert isinstance(quantized.transformer.blocks[0].norm_attn_norm.attn.Wqkv, QuantLinear)
+    assert not any(p.dtype.is_floating_point and p.numel() > 256 * 128 for n, p in quantized.named_parameters()
+                   if "experts" in n)
+    with torch.no_grad():
+        got = quantized(ids).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert len(generate(quantized, ids[0].tolist(), 5)) == 5
+    with pytest.raises(ValueError, match="only attention, lm_head"):
+        QuantConfig(8, include=("router",))
+
+
+@pytest.mark.skipif(not (DEMO.exists() and DATA.exists()), reason="needs `make demo`'s checkpoint and data")
+def test_quality_gates_on_the_demo_checkpoint():
+    """int8: held-out loss within +0.5% and >= 95% greedy-token agreement (at each of 64 prompts x 64 tokens of
+    the float model's greedy continuation, the quantised model's argmax given the same context); int4 (group
+    128): held-out loss within +3%."""
+    from dbrx.data.mds import MDSReader
+    from dbrx.data.mixture import eval_batches
+
+    base = DbrxForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
+    batches = list(eval_batches(MDSReader(DATA, split="val"), 64, 64, limit=4))
+
+    def logits_in_chunks(model, ids, rows=16):  # [rows, T, V] at a time: the full vocabulary is 100k wide
+        with torch.inference_mode():
+            for i in range(0, ids.shape[0], rows):
+                yield i, model(ids[i:i + rows]).logits.float()
+
+    def held_out(model):
+        total, count = 0.0, 0
+        for b in batches:
+            for i, logits in logits_in_chunks(model, b["input_ids"]):
+                labels = b["labels"][i:i + logits.shape[0], 1:]
+                total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                         reduction="sum").item()
+                count += int((labels != -100).sum())
+        return total / count
+
+    def next_tokens(model, seqs):
+        return torch.cat([logits[:, 15:-1].argmax(-1) for _, logits in logits_in_chunks(model, seqs)])
+
+    prompts = [row[:16].tolist() for row in batches[0]["input_ids"][:64]]
+    seqs = torch.tensor([p + c for p, c in zip(prompts, generate(base, prompts, 64))])
+    base_loss, base_next = held_out(base), next_tokens(base, seqs)
+    for bits, loss_gate in ((8, 0.005), (4, 0.03)):
+        model = copy.deepcopy(base)
+        quantize(model, QuantConfig(bits, 128))
+        assert held_out(model) <= base_loss * (1 + loss_gate), bits
+        if bits == 8:
+            agree = (next_tokens(model, seqs) == base_next).float().mean().item()
+            assert agree >= 0.95, agree
