@@ -33,15 +33,15 @@ def test_int8_and_int4_codes_reconstruct_within_half_a_step():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_packed_kernel_and_the_fallback_compute_the_same_product(bits, dtype):
     w = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
-    packed = QuantWeights(w, QuantConfig(bits, 128), kernel="packed")
-    fallback = QuantWeights(w, QuantConfig(bits, 128), kernel="dequantize")
+    packed = QuantWeights.quantized(w, QuantConfig(bits, 128), kernel="packed")
+    fallback = QuantWeights.quantized(w, QuantConfig(bits, 128), kernel="dequantize")
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for e in range(2):
         want = F.linear(x.float(), fallback.dequantized(e).float())
         torch.testing.assert_close(packed.mm(x, e).float(), want, rtol=tol, atol=tol * want.abs().max().item())
         torch.testing.assert_close(fallback.mm(x, e).float(), want, rtol=tol, atol=tol * want.abs().max().item())
-    assert QuantWeights(w, QuantConfig(bits, 128)).kernel in ("packed", "dequantize")  # measured
+    assert QuantWeights.quantized(w, QuantConfig(bits, 128)).kernel in ("packed", "dequantize")  # measured
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -55,8 +55,8 @@ def test_quantised_experts_compute_the_float_experts_on_the_dequantised_weights(
     ffn = DbrxFFN(cfg).eval()
     for p in ffn.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
-    quantized = QuantExperts(ffn.experts, QuantConfig(bits, 32))
-    reference = QuantExperts(ffn.experts, QuantConfig(bits, 32), kernel="dequantize")
+    quantized = QuantExperts.from_experts(ffn.experts, QuantConfig(bits, 32))
+    reference = QuantExperts.from_experts(ffn.experts, QuantConfig(bits, 32), kernel="dequantize")
     E, Fh, D = 6, 96, 64
     with torch.no_grad():  # the float experts with exactly the quantised weights
         ffn.experts.mlp.w1.copy_(torch.stack([reference.w1.dequantized(e) for e in range(E)]).view(E * Fh, D))
@@ -134,3 +134,43 @@ def test_quality_gates_on_the_demo_checkpoint():
         if bits == 8:
             agree = (next_tokens(model, seqs) == base_next).float().mean().item()
             assert agree >= 0.95, agree
+
+
+@pytest.mark.parametrize("bits, include", [(8, ("attention", "lm_head")), (4, ())])
+def test_dbrx_quantize_writes_a_checkpoint_that_loads_to_the_same_model(tmp_path, bits, include):
+    import json
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    cfg = DbrxConfig.from_name("dbrx-tiny").replace(vocab_size=256, n_layers=2, ffn_config={"ffn_hidden_size": 192})
+    model = DbrxForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "fp32")
+    out = tmp_path / "q"
+    run = [sys.executable, "-m", "dbrx", "quantize", "--model", str(tmp_path / "fp32"), "--bits", str(bits),
+           "--include", ",".join(include), "--out", str(out)]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q == {"quant_method": "dbrx-weight-only", "bits": bits, "group_size": 128, "include": list(include)}
+    from safetensors import safe_open
+
+    with safe_open(out / "model-00002-of-00003.safetensors", framework="pt") as f:  # block 0
+        stored = {k: f.get_tensor(k) for k in f.keys() if ".ffn.experts." in k}
+    params = 3 * 16 * 192 * 128
+    # int8: a byte per weight + an fp32 scale per output channel; int4: half a byte + an fp32 scale and zero per
+    # group (128 along d_model, 96 along the expert width: the largest divisor of 192 below 128)
+    assert sum(t.numel() * t.element_size() for t in stored.values()) <= params * (1 + 4 / 128 if bits == 8 else
+                                                                                   0.5 + 8 / 96)
+    loaded = DbrxForCausalLM.from_pretrained(out, dtype=torch.float32)
+    in_memory = copy.deepcopy(model)
+    quantize(in_memory, QuantConfig(bits, 128, include))
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, in_memory(ids).logits, rtol=0, atol=1e-5)
+    assert isinstance(loaded.lm_head, QuantLinear) == ("lm_head" in include)
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "exists" in r.stderr
+    again = [*run[:5], str(out), *run[6:-1], str(tmp_path / "again")]
+    r = subprocess.run(again, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already quantised" in r.stderr, r.stderr

@@ -137,10 +137,12 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=
     path = Path(path)
     config = DbrxConfig.from_pretrained(path)
     header = read_header(path)
-    dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or torch.float32
+    dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or resolve_dtype(config.dtype) or torch.float32
     with torch.device("meta"):
         model = cls(config)
-    check_against(model.state_dict(), header, path)
+    quantized = config.quantization_config is not None
+    if not quantized:
+        check_against(model.state_dict(), header, path)
     if device_map == "auto":
         device_map = auto_device_map(config, dtype, max_memory)
     elif device_map is not None:
@@ -157,11 +159,23 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=
                     t = f.get_tensor(name)
                 except SafetensorError as e:
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated file?): {e}") from None
-                state[name] = t.to(device=target(name), dtype=dtype)
+                state[name] = t if quantized and not t.dtype.is_floating_point else t.to(device=target(name),
+                                                                                        dtype=dtype)
                 del t
-    model.load_state_dict(state, strict=True, assign=True)
+    if quantized:  # `dbrx quantize`'s checkpoint: the quantised modules first, then the float rest
+        from dbrx.quant import load_quantized
+
+        load_quantized(model, state, dtype, target)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in result.missing_keys if not k.endswith((".q", ".q4", ".scale", ".sz"))]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{path}: the quantised checkpoint does not match config.json: missing "
+                                  f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    else:
+        model.load_state_dict(state, strict=True, assign=True)
     del state
-    model.relayout_lm_head(column_major_head_is_faster(model.lm_head.weight))
+    if isinstance(model.lm_head, torch.nn.Linear):
+        model.relayout_lm_head(column_major_head_is_faster(model.lm_head.weight))
     if device_map is not None:
         dispatch(model, device_map)
     model.config.dtype = dtype_name(dtype)

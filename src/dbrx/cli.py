@@ -154,6 +154,18 @@ def cmd_info(args) -> None:
         _print_facts(name, config, facts)
 
 
+# ---- quantize --------------------------------------------------------------------------------------------------
+def cmd_quantize(args) -> None:
+    from dbrx.quant import QuantConfig, write_quantized
+
+    include = tuple(i for i in args.include.split(",") if i)
+    qcfg = QuantConfig(args.bits, args.group_size, include)
+    print(f"quantising {args.model} to int{args.bits} (experts{''.join(', ' + i for i in include)}) -> {args.out}")
+    write_quantized(args.model, args.out, qcfg)
+    size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    print(f"wrote {args.out} ({size / GiB:.2f} GiB of weights); load it with --model {args.out}")
+
+
 # ---- init ------------------------------------------------------------------------------------------------------
 def cmd_init(args) -> None:
     from dbrx.tokenizer import Tokenizer
@@ -206,6 +218,9 @@ def _load_model(args) -> DbrxForCausalLM:
             _refuse_if_too_big(n_params * dtype.itemsize, f"the model in {args.model}")
         model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
     quant = getattr(args, "quant", "none")
+    if quant != "none" and model.config.quantization_config is not None:
+        raise UserError(f"{args.model} is already quantised ({model.config.quantization_config['bits']} bits); "
+                        "drop --quant")
     if quant != "none":
         from dbrx.quant import QuantConfig, quantize
 
@@ -534,6 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="dtype of what is not quantised and of the KV cache (default bfloat16)")
     p.add_argument("--max-model-len", type=int, help="context to hold in the KV cache (default: the model's)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint, one block at a time",
+                       description="Quantise a DBRX checkpoint's experts (and optionally attention and the head) to "
+                                   "int8 (a scale per output channel) or int4 (groups along the input).")
+    p.add_argument("--model", required=True, type=Path, help="a Hugging Face-format DBRX checkpoint directory")
+    p.add_argument("--bits", required=True, type=int, choices=[8, 4])
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
+    p.add_argument("--include", default="", help="also quantise: attention, lm_head (comma-separated)")
+    p.add_argument("--out", required=True, type=Path, help="a new directory for the quantised checkpoint")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("init", help="write a randomly initialised checkpoint (for tests and demos)",
                        description="Write a randomly initialised model in Hugging Face format, with tokenizer files.")

@@ -105,6 +105,8 @@ class DbrxConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     dtype: str | None = None  # the dtype the weights are stored in ("bfloat16" for the released models)
+    # a checkpoint written by `dbrx quantize`: {"quant_method": "dbrx-weight-only", "bits", "group_size", "include"}
+    quantization_config: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.attn_config, dict):
@@ -175,6 +177,11 @@ class DbrxConfig:
             raise ValueError("tie_word_embeddings must be false: DBRX keeps lm_head separate from wte")
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {list(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        q = self.quantization_config
+        if q is not None and (not isinstance(q, dict) or q.get("quant_method") != "dbrx-weight-only"
+                              or q.get("bits") not in (8, 4) or not isinstance(q.get("group_size"), int)):
+            raise ValueError("quantization_config must be {\"quant_method\": \"dbrx-weight-only\", \"bits\": 8 or 4, "
+                             f"\"group_size\": int, \"include\": [...]}} (as `dbrx quantize` writes it), got {q!r}")
 
     # ---- (de)serialisation ---------------------------------------------------------------------------------
     @classmethod
@@ -206,6 +213,8 @@ class DbrxConfig:
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": float(self.attn_config.rope_theta)}
         if self.dtype is None:
             out.pop("dtype")
+        if self.quantization_config is None:
+            out.pop("quantization_config")
         return out
 
     @classmethod

@@ -75,22 +75,17 @@ def _best_seconds(fn, reps: int = 5) -> float:
 
 
 class QuantWeights(nn.Module):
-    """E quantised matrices [O, I] (E = 1 for a linear layer); `mm(x, e)` = x @ W_e.T in x's dtype. `kernel`:
-    None (measured), "packed" or "dequantize"."""
+    """E quantised matrices [O, I] (E = 1 for a linear layer); `mm(x, e)` = x @ W_e.T in x's dtype. Built from
+    float weights (`quantized`) or from a quantised checkpoint's tensors (`from_stored`). `kernel`: None
+    (measured), "packed" or "dequantize"."""
 
-    def __init__(self, w_EOI: torch.Tensor, config: QuantConfig, kernel: str | None = None):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
+                 kernel: str | None = None):
         super().__init__()
-        self.dtype, (self.E, self.O, self.I) = w_EOI.dtype, w_EOI.shape
-        # int4 groups run along the input; where group_size does not divide it, the largest divisor below it
-        self.bits, self.group_size = config.bits, max(d for d in range(1, config.group_size + 1) if self.I % d == 0)
-        if self.bits == 8:
-            q, scale = quantize_int8(w_EOI)
-            self.register_buffer("q", q)
-            self.register_buffer("scale", scale)
-        else:
-            q, sz = quantize_int4(w_EOI, self.group_size)
-            self.register_buffer("q", q.to(torch.uint8))  # codes 0..15, one per byte (the fallback's form)
-            self.register_buffer("sz", sz)
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        self.E, self.O, self.I = codes.shape
+        self.register_buffer("q", codes)  # int8 [E, O, I], or int4 codes 0..15 one per byte (uint8)
+        self.register_buffer("scale" if bits == 8 else "sz", scales)  # [E, O] / [E, I/g, O, 2]
         if kernel not in (None, "packed", "dequantize"):
             raise ValueError(f"kernel must be packed or dequantize, got {kernel!r}")
         self.kernel = kernel or self._choose_kernel()
@@ -98,6 +93,37 @@ class QuantWeights(nn.Module):
             packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(self.q[e].to(torch.int32), 2)
                                   for e in range(self.E)])
             self.register_buffer("q", packed)
+
+    @classmethod
+    def quantized(cls, w_EOI: torch.Tensor, config: QuantConfig, kernel: str | None = None) -> "QuantWeights":
+        # int4 groups run along the input; where group_size does not divide it, the largest divisor below it
+        group = max(d for d in range(1, config.group_size + 1) if w_EOI.shape[-1] % d == 0)
+        if config.bits == 8:
+            codes, scales = quantize_int8(w_EOI)
+        else:
+            codes, scales = quantize_int4(w_EOI, group)
+            codes = codes.to(torch.uint8)
+        return cls(codes, scales, config.bits, group, w_EOI.dtype, kernel)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors: int8 codes and scales, or int4 codes two per byte (the even input column in
+        the low nibble) with scales and zero points."""
+        if self.kernel == "packed" and self.bits == 4:
+            raise RuntimeError("quantise with kernel='dequantize' to write a checkpoint (the packed layout is the "
+                               "CPU kernel's own)")
+        if self.bits == 8:
+            return {"q": self.q, "scale": self.scale}
+        return {"q4": self.q[..., 0::2] | (self.q[..., 1::2] << 4), "sz": self.sz}
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], bits: int, group_size: int, dtype: torch.dtype,
+                    kernel: str | None = None) -> "QuantWeights":
+        if bits == 8:
+            return cls(tensors["q"], tensors["scale"].to(dtype), 8, group_size, dtype, kernel)
+        packed, sz = tensors["q4"], tensors["sz"]
+        codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+        group = codes.shape[-1] // sz.shape[1]  # the group this matrix was quantised with (see `quantized`)
+        return cls(codes.contiguous(), sz.to(dtype), 4, group, dtype, kernel)
 
     def dequantized(self, e: int) -> torch.Tensor:
         """W_e [O, I] in the model's dtype (the fallback's product, and what tests compare with)."""
@@ -146,10 +172,14 @@ class QuantWeights(nn.Module):
 class QuantLinear(nn.Module):
     """nn.Linear (no bias) with quantised weights, for inference."""
 
-    def __init__(self, linear: nn.Linear, config: QuantConfig):
+    def __init__(self, weights: QuantWeights):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weights = QuantWeights(linear.weight.detach().contiguous()[None], config)
+        self.weights = weights
+        self.in_features, self.out_features = weights.I, weights.O
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig, kernel: str | None = None) -> "QuantLinear":
+        return cls(QuantWeights.quantized(linear.weight.detach().contiguous()[None], config, kernel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weights.mm(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
@@ -159,15 +189,19 @@ class QuantExperts(nn.Module):
     """DbrxExperts with quantised w1, v1 (as [E, F, D]) and w2 (transposed per expert, [E, D, F]); each chosen
     expert runs on exactly the tokens routed to it. Inference only."""
 
-    def __init__(self, experts: nn.Module, config: QuantConfig, kernel: str | None = None):
+    def __init__(self, w1: QuantWeights, v1: QuantWeights, w2: QuantWeights, act):
         super().__init__()
+        self.w1, self.v1, self.w2, self.act = w1, v1, w2, act
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, config: QuantConfig, kernel: str | None = None) -> "QuantExperts":
         mlp = experts.mlp
         E, Fh, D = mlp.num_experts, mlp.ffn_hidden_size, mlp.d_model
-        self.act = mlp.act
         with torch.no_grad():
-            self.w1 = QuantWeights(mlp.w1.detach().view(E, Fh, D), config, kernel)
-            self.v1 = QuantWeights(mlp.v1.detach().view(E, Fh, D), config, kernel)
-            self.w2 = QuantWeights(mlp.w2.detach().view(E, Fh, D).transpose(1, 2).contiguous(), config, kernel)
+            w1 = QuantWeights.quantized(mlp.w1.detach().view(E, Fh, D), config, kernel)
+            v1 = QuantWeights.quantized(mlp.v1.detach().view(E, Fh, D), config, kernel)
+            w2 = QuantWeights.quantized(mlp.w2.detach().view(E, Fh, D).transpose(1, 2).contiguous(), config, kernel)
+        return cls(w1, v1, w2, mlp.act)
 
     def _expert(self, x_nD: torch.Tensor, e: int) -> torch.Tensor:
         return self.w2.mm(self.act(self.w1.mm(x_nD, e)) * self.v1.mm(x_nD, e), e)
@@ -196,14 +230,127 @@ def quantize(model, config: QuantConfig) -> dict[str, str]:
     as it goes); the model is then for inference only. Returns the kernel chosen for each kind of matrix."""
     chosen: dict[str, str] = {}
     for block in model.transformer.blocks:
-        block.ffn.experts = QuantExperts(block.ffn.experts, config)
+        block.ffn.experts = QuantExperts.from_experts(block.ffn.experts, config)
         chosen["experts"] = block.ffn.experts.w1.kernel
         if "attention" in config.include:
             attn = block.norm_attn_norm.attn
-            attn.Wqkv, attn.out_proj = QuantLinear(attn.Wqkv, config), QuantLinear(attn.out_proj, config)
+            attn.Wqkv, attn.out_proj = QuantLinear.from_linear(attn.Wqkv, config), QuantLinear.from_linear(
+                attn.out_proj, config)
             chosen["attention"] = attn.Wqkv.weights.kernel
     if "lm_head" in config.include:
-        model.lm_head = QuantLinear(model.lm_head, config)
+        model.lm_head = QuantLinear.from_linear(model.lm_head, config)
         chosen["lm_head"] = model.lm_head.weights.kernel
     model.quant_config = config
     return chosen
+
+
+# ---- quantised checkpoints -------------------------------------------------------------------------------------
+METHOD = "dbrx-weight-only"
+
+
+def _quantised_modules(config, qcfg: QuantConfig, block: int) -> dict[str, str]:
+    """Module name -> kind for one block's quantised modules."""
+    prefix = f"transformer.blocks.{block}"
+    out = {f"{prefix}.ffn.experts": "experts"}
+    if "attention" in qcfg.include:
+        out.update({f"{prefix}.norm_attn_norm.attn.Wqkv": "linear", f"{prefix}.norm_attn_norm.attn.out_proj": "linear"})
+    return out
+
+
+def write_quantized(src, out, qcfg: QuantConfig, log=print) -> None:
+    """`dbrx quantize`: read the checkpoint at `src` one block at a time, quantise it, and write a shard per block
+    (plus one for the embedding, final norm and head) with an index, config.json carrying `quantization_config`,
+    and the tokenizer files; the directory appears complete or not at all."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dbrx.checkpoint import checkpoint_dtype, dtype_name, read_header
+    from dbrx.config import DbrxConfig
+
+    src, out = Path(src), Path(out)
+    config = DbrxConfig.from_pretrained(src)
+    if config.quantization_config is not None:
+        raise ValueError(f"{src} is already quantised ({config.quantization_config})")
+    E, Fh, D = config.num_experts, config.ffn_config.ffn_hidden_size, config.d_model
+    header = read_header(src)
+    groups = [[n for n in header if not n.startswith("transformer.blocks.")]]
+    groups += [[n for n in header if n.startswith(f"transformer.blocks.{i}.")] for i in range(config.n_layers)]
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give a new directory for the quantised checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_map = {}
+        for index, names in enumerate(groups):
+            tensors = {}
+            for name in names:
+                with safe_open(header[name][2], framework="pt") as f:
+                    tensors[name] = f.get_tensor(name)
+            stored: dict[str, torch.Tensor] = {}
+            for name, t in tensors.items():
+                if ".ffn.experts.mlp." in name:
+                    module, kind = name.rsplit(".mlp.", 1)
+                    w = t.view(E, Fh, D) if kind != "w2" else t.view(E, Fh, D).transpose(1, 2).contiguous()
+                    q = QuantWeights.quantized(w, qcfg, kernel="dequantize")
+                    stored.update({f"{module}.{kind}.{k}": v for k, v in q.stored().items()})
+                elif (("attention" in qcfg.include and (".attn.Wqkv." in name or ".attn.out_proj." in name))
+                      or ("lm_head" in qcfg.include and name == "lm_head.weight")):
+                    q = QuantWeights.quantized(t.contiguous()[None], qcfg, kernel="dequantize")
+                    stored.update({f"{name.rsplit('.', 1)[0]}.weights.{k}": v for k, v in q.stored().items()})
+                else:
+                    stored[name] = t
+            shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in stored.items()}, tmp / shard, metadata={"format": "pt"})
+            weight_map.update({k: shard for k in stored})
+            log(f"  {shard}: {'embedding, final norm, head' if index == 0 else f'block {index - 1}'}")
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                     indent=2) + "\n")
+        qdict = {"quant_method": METHOD, "bits": qcfg.bits, "group_size": qcfg.group_size,
+                 "include": list(qcfg.include)}
+        stored = config.dtype or dtype_name(checkpoint_dtype(header) or torch.float32)
+        config.replace(quantization_config=qdict, dtype=stored).save_pretrained(tmp)
+        for file in src.iterdir():
+            if file.name.startswith(("tokenizer", "special_tokens", "generation_config")) and file.is_file():
+                shutil.copy2(file, tmp / file.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():  # mkdtemp makes everything private; the result gets the usual modes
+            os.chmod(file, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_quantized(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype, target) -> None:
+    """Give a meta-built model the quantised modules its `quantization_config` names, from a checkpoint's
+    tensors (popped from `tensors`, each sent to target(its module's name)); what remains is the float part."""
+    q = model.config.quantization_config
+    qcfg = QuantConfig(q["bits"], q["group_size"], tuple(q.get("include", ())))
+
+    def weights(prefix: str) -> QuantWeights:
+        keys = ("q", "scale") if qcfg.bits == 8 else ("q4", "sz")
+        missing = [f"{prefix}.{k}" for k in keys if f"{prefix}.{k}" not in tensors]
+        if missing:
+            raise ValueError(f"the quantised checkpoint lacks {', '.join(missing)}")
+        return QuantWeights.from_stored({k: tensors.pop(f"{prefix}.{k}").to(target(prefix)) for k in keys},
+                                        qcfg.bits, qcfg.group_size, dtype)
+
+    for i, block in enumerate(model.transformer.blocks):
+        base = f"transformer.blocks.{i}"
+        block.ffn.experts = QuantExperts(weights(f"{base}.ffn.experts.w1"), weights(f"{base}.ffn.experts.v1"),
+                                         weights(f"{base}.ffn.experts.w2"), block.ffn.experts.mlp.act)
+        if "attention" in qcfg.include:
+            attn = block.norm_attn_norm.attn
+            attn.Wqkv = QuantLinear(weights(f"{base}.norm_attn_norm.attn.Wqkv.weights"))
+            attn.out_proj = QuantLinear(weights(f"{base}.norm_attn_norm.attn.out_proj.weights"))
+    if "lm_head" in qcfg.include:
+        model.lm_head = QuantLinear(weights("lm_head.weights"))
+    model.quant_config = qcfg
