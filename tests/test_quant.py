@@ -67,8 +67,9 @@ def test_quantised_experts_compute_the_float_experts_on_the_dequantised_weights(
         _, weights, experts = ffn.router(x)
         for n in (1, 7):  # one token, several
             want = ffn.experts(x[:n], weights[:n], experts[:n], impl="reference")
-            for q in (quantized, reference):  # the measured kernel and the fallback
-                torch.testing.assert_close(q(x[:n], weights[:n], experts[:n]), want, rtol=1e-4, atol=1e-5)
+            for q in (quantized, reference):  # the measured kernel (maybe with bf16 activations) and the fallback
+                tol = 1e-5 if q.w1.compute_dtype == torch.float32 else 2e-2 * want.abs().max().item()
+                torch.testing.assert_close(q(x[:n], weights[:n], experts[:n]), want, rtol=1e-4, atol=tol)
     with pytest.raises(RuntimeError, match="for inference"):
         quantized(x.requires_grad_(), weights, experts)
 

@@ -8,8 +8,9 @@ q in 0..15). The experts' w2 is applied as h @ w2, so it is kept transposed
 per expert ([E, D, F]): its scales are then per output channel like every other matrix's.
 
 Each product runs through torch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`:
-private, so guarded) or a plain dequantise-then-matmul fallback, whichever measured faster for that matrix's shape
-and dtype on this machine (once per process); off the CPU, the fallback.
+private, so guarded), with activations in the weights' dtype or in bf16, or a plain dequantise-then-matmul
+fallback, whichever measured faster for that matrix's shape and dtype on this machine (once per process); off the
+CPU, the fallback.
 """
 
 from __future__ import annotations
@@ -84,15 +85,19 @@ class QuantWeights(nn.Module):
         super().__init__()
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
         self.E, self.O, self.I = codes.shape
-        self.register_buffer("q", codes)  # int8 [E, O, I], or int4 codes 0..15 one per byte (uint8)
-        self.register_buffer("scale" if bits == 8 else "sz", scales)  # [E, O] / [E, I/g, O, 2]
+        # own, aligned copies: a tensor read from a safetensors file may start at any byte, and torch's packed
+        # kernels crash on weights that are not aligned
+        self.register_buffer("q", codes.clone(memory_format=torch.contiguous_format))  # int8 [E, O, I], or int4
+        self.register_buffer("scale" if bits == 8 else "sz", scales.clone(memory_format=torch.contiguous_format))
         if kernel not in (None, "packed", "dequantize"):
             raise ValueError(f"kernel must be packed or dequantize, got {kernel!r}")
-        self.kernel = kernel or self._choose_kernel()
-        if self.kernel == "packed" and self.bits == 4:  # the kernel's own layout, per matrix (row tiles of 64)
-            packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(self.q[e].to(torch.int32), 2)
-                                  for e in range(self.E)])
-            self.register_buffer("q", packed)
+        self.kernel, self.compute_dtype = (kernel, dtype) if kernel else self._choose_kernel()
+        if self.kernel == "packed":  # what the packed kernel reads: scales in its dtype, int4 codes in its layout
+            scales = self.scale if bits == 8 else self.sz
+            self.register_buffer("kernel_scales", scales.to(self.compute_dtype, copy=True), persistent=False)
+            if bits == 4:  # per matrix (the layout tiles rows by 64)
+                self.register_buffer("q", torch.stack([torch._convert_weight_to_int4pack_for_cpu(
+                    self.q[e].to(torch.int32), 2) for e in range(self.E)]))
 
     @classmethod
     def quantized(cls, w_EOI: torch.Tensor, config: QuantConfig, kernel: str | None = None) -> "QuantWeights":
@@ -135,38 +140,47 @@ class QuantWeights(nn.Module):
         q = self.q[e].view(self.O, -1, self.group_size).to(self.dtype)
         return ((q - 8) * scale[..., None] + zero[..., None]).view(self.O, self.I)
 
-    def mm(self, x_NI: torch.Tensor, e: int = 0) -> torch.Tensor:
-        x_NI = x_NI.to(self.dtype)
-        if self.kernel == "dequantize":
-            return F.linear(x_NI, self.dequantized(e))
-        if self.bits == 8:
-            return torch._weight_int8pack_mm(x_NI, self.q[e], self.scale[e])
-        return torch._weight_int4pack_mm_for_cpu(x_NI, self.q[e], self.group_size, self.sz[e])
+    def describe(self) -> str:
+        return "dequantise + matmul" if self.kernel == "dequantize" else \
+            f"torch's packed int{self.bits} kernel, {str(self.compute_dtype).removeprefix('torch.')} activations"
 
-    def _choose_kernel(self) -> str:
-        """'packed' where torch's packed CPU kernel exists, works for this shape and measures faster on one row than
-        dequantise-then-matmul (once per bits, dtype, shape in a process); else 'dequantize'."""
+    def mm(self, x_NI: torch.Tensor, e: int = 0) -> torch.Tensor:
+        if self.kernel == "dequantize":
+            return F.linear(x_NI.to(self.dtype), self.dequantized(e))
+        x_NI = x_NI.to(self.compute_dtype)
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(x_NI, self.q[e], self.kernel_scales[e])
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x_NI, self.q[e], self.group_size, self.kernel_scales[e])
+        return y.to(self.dtype)
+
+    def _choose_kernel(self) -> tuple[str, torch.dtype]:
+        """(kernel, the dtype its activations take): the fastest on one row of dequantise-then-matmul in the
+        weights' dtype and, where torch's packed CPU kernel exists and takes this shape, that kernel in the
+        weights' dtype and in bf16 (it is made for bf16: on the Xeons measured, fp32 activations made it 4-15x
+        slower, bf16 ones 1.7-5x faster than an fp32 product). Measured once per bits, dtype, shape in a process."""
         key = (self.bits, self.dtype, self.O, self.I, self.group_size, str(self.q.device))
         if key in _KERNEL:
             return _KERNEL[key]
-        choice = "dequantize"
+        self.kernel = "dequantize"
+        x = torch.randn(1, self.I, dtype=self.dtype)
+        options = {("dequantize", self.dtype): lambda: F.linear(x, self.dequantized(0))}
         op = "_weight_int8pack_mm" if self.bits == 8 else "_weight_int4pack_mm_for_cpu"
         if self.q.device.type == "cpu" and hasattr(torch, op) and (self.bits == 8 or self.O % 16 == 0):
+            w = self.q[0] if self.bits == 8 else torch._convert_weight_to_int4pack_for_cpu(self.q[0].to(torch.int32), 2)
+            for dtype in dict.fromkeys((self.dtype, torch.bfloat16)):
+                xd, sd = x.to(dtype), (self.scale[0] if self.bits == 8 else self.sz[0]).to(dtype)
+                options["packed", dtype] = (
+                    (lambda xd=xd, sd=sd: torch._weight_int8pack_mm(xd, w, sd)) if self.bits == 8 else
+                    (lambda xd=xd, sd=sd: torch._weight_int4pack_mm_for_cpu(xd, w, self.group_size, sd)))
+        times = {}
+        for option, fn in options.items():
             try:
-                x = torch.randn(1, self.I, dtype=self.dtype)
-                if self.bits == 8:
-                    packed = lambda: torch._weight_int8pack_mm(x, self.q[0], self.scale[0])  # noqa: E731
-                else:
-                    w4 = torch._convert_weight_to_int4pack_for_cpu(self.q[0].to(torch.int32), 2)
-                    packed = lambda: torch._weight_int4pack_mm_for_cpu(x, w4, self.group_size, self.sz[0])  # noqa
-                self.kernel = "dequantize"
-                plain = lambda: F.linear(x, self.dequantized(0))  # noqa: E731
-                if _best_seconds(packed) < _best_seconds(plain):
-                    choice = "packed"
+                times[option] = _best_seconds(fn)
             except (RuntimeError, TypeError):  # a build or shape the private kernel does not take
-                choice = "dequantize"
-        _KERNEL[key] = choice
-        return choice
+                continue
+        _KERNEL[key] = min(times, key=times.get)
+        return _KERNEL[key]
 
 
 class QuantLinear(nn.Module):
@@ -231,15 +245,15 @@ def quantize(model, config: QuantConfig) -> dict[str, str]:
     chosen: dict[str, str] = {}
     for block in model.transformer.blocks:
         block.ffn.experts = QuantExperts.from_experts(block.ffn.experts, config)
-        chosen["experts"] = block.ffn.experts.w1.kernel
+        chosen["experts"] = block.ffn.experts.w1.describe()
         if "attention" in config.include:
             attn = block.norm_attn_norm.attn
             attn.Wqkv, attn.out_proj = QuantLinear.from_linear(attn.Wqkv, config), QuantLinear.from_linear(
                 attn.out_proj, config)
-            chosen["attention"] = attn.Wqkv.weights.kernel
+            chosen["attention"] = attn.Wqkv.weights.describe()
     if "lm_head" in config.include:
         model.lm_head = QuantLinear.from_linear(model.lm_head, config)
-        chosen["lm_head"] = model.lm_head.weights.kernel
+        chosen["lm_head"] = model.lm_head.weights.describe()
     model.quant_config = config
     return chosen
 
