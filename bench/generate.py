@@ -2,6 +2,11 @@
 machine's memory-bandwidth ceiling (active weight bytes per token / bandwidth of a large matrix-vector product).
 
     .venv/bin/python bench/generate.py [--new-tokens 128] [--dtypes float32,bfloat16,auto] [--device cpu]
+        [--quant int8,int4,int8+head,int4+head]
+
+With --quant, each weight-only quantisation (dbrx.quant: the experts, `+head` the output head too) is measured the
+same way on the fp32 checkpoint, against its own ceiling (the bytes a step reads as stored) and against the best
+unquantised decode of the run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,23 @@ def active_weight_bytes(model: DbrxForCausalLM, dtype: torch.dtype) -> int:
     return (model.num_parameters(active=True) - cfg.vocab_size * cfg.d_model + cfg.d_model) * dtype.itemsize
 
 
+def quantized_active_bytes(model: DbrxForCausalLM, bits: int, include: tuple[str, ...]) -> int:
+    """What a decode step reads from a quantised model: top_k of the experts' codes and scales, the rest as stored,
+    one embedding row."""
+    from dbrx.placement import tensor_bytes
+
+    cfg, total = model.config, 0
+    for name, p in model.state_dict().items():
+        dtype = p.dtype
+        size = tensor_bytes(name, p.shape, dtype, f"int{bits}", 128, include, cfg.num_experts)
+        if ".ffn.experts." in name:
+            size = size * cfg.top_k // cfg.num_experts
+        elif name == "transformer.wte.weight":
+            size = cfg.d_model * dtype.itemsize
+        total += size
+    return total
+
+
 def best_of(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -41,6 +63,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (ours and the ceiling only)")
+    ap.add_argument("--quant", default="", help="also measure these: int8, int4, int8+head, int4+head")
     args = ap.parse_args()
     import transformers
 
@@ -90,9 +113,27 @@ def main() -> None:
                          f"ours/transformers = {t_hf / t_ours:.2f}x; greedy tokens identical: {same}")
                 del hf
             print(line, flush=True)
+        from dbrx.quant import QuantConfig, quantize
+
+        best = max(speeds, key=speeds.get) if speeds else None
+        for spec in [q for q in args.quant.split(",") if q]:
+            bits, include = int(spec[3]), ("lm_head",) if spec.endswith("+head") else ()
+            model = DbrxForCausalLM.from_pretrained(tmp, dtype=torch.float32, device=args.device)
+            ceiling = matvec_bandwidth(torch.float32, args.device) / quantized_active_bytes(model, bits, include)
+            chosen = quantize(model, QuantConfig(bits, 128, include))
+            generate(model, prompt, 2)
+            t_all = best_of(lambda: generate(model, prompt, n), args.reps)
+            tps = (n - 1) / (t_all - best_of(lambda: generate(model, prompt, 1), args.reps))
+            speeds[spec] = tps
+            vs = f"; {tps / speeds[best]:.2f}x the best unquantised ({best}, {speeds[best]:.2f})" if best else ""
+            vs += f"; {tps / speeds['int8']:.2f}x int8" if spec == "int4" and "int8" in speeds else ""
+            vs += f"; {tps / speeds['int8+head']:.2f}x int8+head" if spec == "int4+head" and "int8+head" in speeds else ""
+            print(f"[{spec}] ours: decode {tps:7.2f} tok/s = {tps / ceiling:5.1%} of its ceiling {ceiling:6.2f} tok/s"
+                  f"{vs} ({'; '.join(f'{k}: {v}' for k, v in chosen.items())})", flush=True)
+            del model
     auto = next((k for k in speeds if k.startswith("auto=")), None)
     if auto:
-        fastest = max((k for k in speeds if k != auto), key=speeds.get, default=None)
+        fastest = max((k for k in speeds if k != auto and not k.startswith("int")), key=speeds.get, default=None)
         if fastest:
             print(f"--dtype auto chose {auto.split('=')[1]}; the fastest decode measured here: {fastest} "
                   f"({speeds[fastest]:.2f} tok/s; auto {speeds[auto]:.2f})")
