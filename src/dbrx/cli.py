@@ -520,14 +520,19 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (default: the fastest on this device, measured at start-up), float32, bfloat16, "
                         "float16, or stored (as in the checkpoint)")
+    _add_placement_args(p)
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> / <|im_end|>")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    """Where and how a model is loaded for inference (_load_model reads these): generate, chat, eval, serve."""
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
                                                    "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
     p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> / <|im_end|>")
-    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -643,12 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: model.pretrained in the YAML)")
     p.add_argument("--out", type=Path, default=None, help="write results.json and examples.jsonl here")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
-                                                   "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
-    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
+    _add_placement_args(p)
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the programs the model writes for code_evaluation tasks, each in a sandbox (its "
                         "own directory, no network, a read-only filesystem, limits on time, memory, files and "
@@ -723,12 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for in-flight requests (default: until they finish)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this device, measured), float32, bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--devices", default=None, help="spread the blocks over these devices by a memory plan made "
-                                                   "from config.json (cuda:0,cuda:1; see dbrx info --devices)")
-    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
+    _add_placement_args(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

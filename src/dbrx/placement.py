@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbrx.config import DbrxConfig
+from dbrx.quant import INCLUDABLE
 
 GiB = 2**30
 RESERVE_BYTES = 2 * GiB
@@ -33,7 +34,6 @@ DEVICE_KINDS = {  # memory as sold (GiB); usable is this minus RESERVE_BYTES
     "A10G": 24, "A10": 24, "L4": 24, "RTX4090": 24, "MI300X": 192, "MI250X": 128, "B200": 180,
 }
 QUANTS = ("none", "int8", "int4")
-INCLUDABLE = ("attention", "lm_head")
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ CPU, the fallback.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dbrx.perf import timeit
 
 BITS = (8, 4)
 INCLUDABLE = ("attention", "lm_head")
@@ -63,16 +64,6 @@ def quantize_int4(w_EOI: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     zero = lo + 8 * scale  # so that (q - 8) * scale + zero = q * scale + lo
     sz = torch.stack([scale, zero], dim=-1).transpose(1, 2).contiguous()  # [E, I/g, O, 2]
     return q, sz.to(w_EOI.dtype)
-
-
-def _best_seconds(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 class QuantWeights(nn.Module):
@@ -176,7 +167,7 @@ class QuantWeights(nn.Module):
         times = {}
         for option, fn in options.items():
             try:
-                times[option] = _best_seconds(fn)
+                times[option] = timeit(fn, reps=5, best=True)
             except (RuntimeError, TypeError):  # a build or shape the private kernel does not take
                 continue
         _KERNEL[key] = min(times, key=times.get)
