@@ -100,9 +100,10 @@ def test_dbrx_info_devices_prints_the_plan_and_json_has_a_boolean_fits():
 
 
 def _two_devices() -> list[str]:
-    """Two devices to spread a model over: two GPUs where there are, else the CPU twice (the same code path)."""
+    """Two devices to spread a model over: two GPUs where there are, one GPU twice where there is one, else the CPU
+    twice (the same code path)."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ["cuda:0", "cuda:1"] if n >= 2 else ["cpu", "cpu"]
+    return ["cuda:0", "cuda:1"] if n >= 2 else ["cuda:0", "cuda:0"] if n else ["cpu", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,8 @@ def test_generate_with_devices_spreads_the_model_and_prints_the_same_text(tmp_pa
                             timeout=120)
     assert alone.returncode == spread.returncode == 0, spread.stderr
     assert spread.stdout == alone.stdout and alone.stdout.strip()
+    # compiled decoding kernels on the spread model (each kept where it measured faster) print the same text
+    compiled = subprocess.run(run + ["--devices", ",".join(_two_devices()), "--compile"], capture_output=True,
+                              text=True, timeout=300)
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == alone.stdout and "compiled decode, experts:" in compiled.stderr

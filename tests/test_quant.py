@@ -3,6 +3,7 @@ and dequantise-then-matmul) agreeing, quantised experts computing what the float
 dequantised weights, and the quality gates on the trained `make demo` checkpoint where it exists."""
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from dbrx import DbrxForCausalLM, generate
 from dbrx.config import DbrxConfig
 from dbrx.quant import QuantConfig, QuantExperts, QuantLinear, QuantWeights, quantize, quantize_int4, quantize_int8
 
+DEVICE = os.environ.get("DBRX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs the products and experts on cuda
 DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo" / "hf"
 DATA = Path(__file__).resolve().parents[1] / "runs" / "data" / "stdlib"
 
@@ -32,10 +34,10 @@ def test_int8_and_int4_codes_reconstruct_within_half_a_step():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_packed_kernel_and_the_fallback_compute_the_same_product(bits, dtype):
-    w = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
-    packed = QuantWeights.quantized(w, QuantConfig(bits, 128), kernel="packed")
+    w = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    packed = QuantWeights.quantized(w, QuantConfig(bits, 128), kernel="packed" if DEVICE == "cpu" else "dequantize")
     fallback = QuantWeights.quantized(w, QuantConfig(bits, 128), kernel="dequantize")
-    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for e in range(2):
         want = F.linear(x.float(), fallback.dequantized(e).float())
@@ -55,6 +57,7 @@ def test_quantised_experts_compute_the_float_experts_on_the_dequantised_weights(
     ffn = DbrxFFN(cfg).eval()
     for p in ffn.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
+    ffn = ffn.to(DEVICE)
     quantized = QuantExperts.from_experts(ffn.experts, QuantConfig(bits, 32))
     reference = QuantExperts.from_experts(ffn.experts, QuantConfig(bits, 32), kernel="dequantize")
     E, Fh, D = 6, 96, 64
@@ -62,7 +65,7 @@ def test_quantised_experts_compute_the_float_experts_on_the_dequantised_weights(
         ffn.experts.mlp.w1.copy_(torch.stack([reference.w1.dequantized(e) for e in range(E)]).view(E * Fh, D))
         ffn.experts.mlp.v1.copy_(torch.stack([reference.v1.dequantized(e) for e in range(E)]).view(E * Fh, D))
         ffn.experts.mlp.w2.copy_(torch.stack([reference.w2.dequantized(e).t() for e in range(E)]).reshape(E * Fh, D))
-    x = torch.randn(7, D)
+    x = torch.randn(7, D, device=DEVICE)
     with torch.inference_mode():
         _, weights, experts = ffn.router(x)
         for n in (1, 7):  # one token, several

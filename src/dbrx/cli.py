@@ -226,6 +226,10 @@ def _load_model(args) -> DbrxForCausalLM:
 
         chosen = quantize(model, QuantConfig(int(quant[3:]), args.group_size))
         print(f"quantised the experts to {quant} (kernel: {chosen['experts']}, measured)", file=sys.stderr)
+    if getattr(args, "compile", False):
+        from dbrx.kernels import compile_decode
+
+        compile_decode(model, log=lambda msg: print(msg, file=sys.stderr))
     return model
 
 
@@ -533,6 +537,9 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantisation of the experts at load time (int4: groups of --group-size)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile batch-1 decoding kernels (torch.compile; seconds per shape, cached on disk) and "
+                        "keep each where it measures faster than the eager path")
 
 
 def build_parser() -> argparse.ArgumentParser:

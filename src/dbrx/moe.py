@@ -144,6 +144,9 @@ class DbrxExperts(nn.Module):
     def __init__(self, config: DbrxConfig):
         super().__init__()
         self.mlp = DbrxExpertGLU(config)
+        # a faster batch-1 decoding kernel, installed from outside (dbrx.kernels.compile_decode):
+        # one_token(self, x_1D, weights_1K, experts_1K) -> [1, D]
+        self.one_token = None
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
                 impl: str = "grouped") -> torch.Tensor:
@@ -220,6 +223,8 @@ class DbrxExperts(nn.Module):
 
     def _forward_one_token(self, x_1D, weights_1K, experts_1K):
         """Batch-1 decoding: a weighted sum of the K chosen experts' outputs; only their weights are read."""
+        if self.one_token is not None and self.mlp.lora is None:
+            return self.one_token(self, x_1D, weights_1K, experts_1K)
         w1_EFD, v1_EFD, w2_EFD = self._inference_weights()
         compute = self.mlp.compute_dtype(x_1D)
         y_1D = None

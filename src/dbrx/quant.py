@@ -68,27 +68,49 @@ def quantize_int4(w_EOI: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
 
 class QuantWeights(nn.Module):
     """E quantised matrices [O, I] (E = 1 for a linear layer); `mm(x, e)` = x @ W_e.T in x's dtype. Built from
-    float weights (`quantized`) or from a quantised checkpoint's tensors (`from_stored`). `kernel`: None
-    (measured), "packed" or "dequantize"."""
+    float weights (`quantized`) or from a quantised checkpoint's tensors (`from_stored`). int8 codes are kept as
+    [E, O, I]; int4 codes two per byte, [E, O, I/2] (the checkpoint's layout). `kernel`: None (the faster eager one,
+    measured), "packed", "dequantize", or "compiled" (dbrx.kernels' reduction for one row, dequantise+matmul for
+    more; what dbrx.kernels.compile_decode switches to where it measures faster)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
                  kernel: str | None = None):
         super().__init__()
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
-        self.E, self.O, self.I = codes.shape
+        self.E, self.O = codes.shape[:2]
+        self.I = codes.shape[2] * (2 if bits == 4 else 1)
         # own, aligned copies: a tensor read from a safetensors file may start at any byte, and torch's packed
         # kernels crash on weights that are not aligned
-        self.register_buffer("q", codes.clone(memory_format=torch.contiguous_format))  # int8 [E, O, I], or int4
+        self.register_buffer("q", codes.clone(memory_format=torch.contiguous_format))
         self.register_buffer("scale" if bits == 8 else "sz", scales.clone(memory_format=torch.contiguous_format))
-        if kernel not in (None, "packed", "dequantize"):
-            raise ValueError(f"kernel must be packed or dequantize, got {kernel!r}")
-        self.kernel, self.compute_dtype = (kernel, dtype) if kernel else self._choose_kernel()
+        self.kernel, self.compute_dtype = None, dtype
+        self.use_kernel(kernel)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.scale if self.bits == 8 else self.sz
+
+    def use_kernel(self, kernel: str | None, compute_dtype: torch.dtype | None = None) -> None:
+        """Switch to `kernel` (None: the faster of the eager ones, measured), with activations in `compute_dtype`
+        (default: the weights' dtype), making or freeing what it reads."""
+        if kernel not in (None, "packed", "dequantize", "compiled"):
+            raise ValueError(f"kernel must be packed, dequantize or compiled, got {kernel!r}")
+        if kernel == "compiled" and not self.compiles():
+            raise ValueError(f"the compiled int4 kernel takes even group sizes, not {self.group_size}")
+        self.kernel, self.compute_dtype = (kernel, compute_dtype or self.dtype) if kernel else self._choose_kernel()
+        for name in ("kernel_scales", "packed_q"):
+            self._buffers.pop(name, None)
         if self.kernel == "packed":  # what the packed kernel reads: scales in its dtype, int4 codes in its layout
-            scales = self.scale if bits == 8 else self.sz
-            self.register_buffer("kernel_scales", scales.to(self.compute_dtype, copy=True), persistent=False)
-            if bits == 4:  # per matrix (the layout tiles rows by 64)
-                self.register_buffer("q", torch.stack([torch._convert_weight_to_int4pack_for_cpu(
-                    self.q[e].to(torch.int32), 2) for e in range(self.E)]))
+            self.register_buffer("kernel_scales", self.scales.to(self.compute_dtype, copy=True), persistent=False)
+            if self.bits == 4:  # per matrix (the layout tiles rows by 64)
+                self.register_buffer("packed_q", torch.stack([torch._convert_weight_to_int4pack_for_cpu(
+                    self.codes(e).to(torch.int32), 2) for e in range(self.E)]), persistent=False)
+
+    def compiles(self) -> bool:
+        """Whether dbrx.kernels' compiled reduction takes these codes."""
+        from dbrx.kernels import int4_group_ok
+
+        return self.bits == 8 or int4_group_ok(self.group_size)
 
     @classmethod
     def quantized(cls, w_EOI: torch.Tensor, config: QuantConfig, kernel: str | None = None) -> "QuantWeights":
@@ -97,19 +119,18 @@ class QuantWeights(nn.Module):
         if config.bits == 8:
             codes, scales = quantize_int8(w_EOI)
         else:
+            if w_EOI.shape[-1] % 2:
+                raise ValueError(f"int4 keeps two codes per byte: the input size must be even, not {w_EOI.shape[-1]}")
             codes, scales = quantize_int4(w_EOI, group)
-            codes = codes.to(torch.uint8)
+            codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
         return cls(codes, scales, config.bits, group, w_EOI.dtype, kernel)
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors: int8 codes and scales, or int4 codes two per byte (the even input column in
         the low nibble) with scales and zero points."""
-        if self.kernel == "packed" and self.bits == 4:
-            raise RuntimeError("quantise with kernel='dequantize' to write a checkpoint (the packed layout is the "
-                               "CPU kernel's own)")
         if self.bits == 8:
             return {"q": self.q, "scale": self.scale}
-        return {"q4": self.q[..., 0::2] | (self.q[..., 1::2] << 4), "sz": self.sz}
+        return {"q4": self.q, "sz": self.sz}
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], bits: int, group_size: int, dtype: torch.dtype,
@@ -117,32 +138,42 @@ class QuantWeights(nn.Module):
         if bits == 8:
             return cls(tensors["q"], tensors["scale"].to(dtype), 8, group_size, dtype, kernel)
         packed, sz = tensors["q4"], tensors["sz"]
-        codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
-        group = codes.shape[-1] // sz.shape[1]  # the group this matrix was quantised with (see `quantized`)
-        return cls(codes.contiguous(), sz.to(dtype), 4, group, dtype, kernel)
+        group = packed.shape[-1] * 2 // sz.shape[1]  # the group this matrix was quantised with (see `quantized`)
+        return cls(packed, sz.to(dtype), 4, group, dtype, kernel)
+
+    def codes(self, e: int) -> torch.Tensor:
+        """Matrix e's codes, one per element [O, I] (int8, or uint8 0..15)."""
+        if self.bits == 8:
+            return self.q[e]
+        return torch.stack([self.q[e] & 15, self.q[e] >> 4], dim=-1).view(self.O, self.I)
 
     def dequantized(self, e: int) -> torch.Tensor:
         """W_e [O, I] in the model's dtype (the fallback's product, and what tests compare with)."""
         if self.bits == 8:
             return self.q[e].to(self.dtype) * self.scale[e][:, None]
-        if self.kernel == "packed":
-            raise RuntimeError("an int4 matrix in the packed kernel's layout is not dequantised")
         scale, zero = self.sz[e, ..., 0].t(), self.sz[e, ..., 1].t()  # [O, I/g]
-        q = self.q[e].view(self.O, -1, self.group_size).to(self.dtype)
+        q = self.codes(e).view(self.O, -1, self.group_size).to(self.dtype)
         return ((q - 8) * scale[..., None] + zero[..., None]).view(self.O, self.I)
 
     def describe(self) -> str:
+        if self.kernel == "compiled":
+            return "compiled one-row reduction (dequantise + matmul for several rows)"
         return "dequantise + matmul" if self.kernel == "dequantize" else \
             f"torch's packed int{self.bits} kernel, {str(self.compute_dtype).removeprefix('torch.')} activations"
 
     def mm(self, x_NI: torch.Tensor, e: int = 0) -> torch.Tensor:
-        if self.kernel == "dequantize":
+        if self.kernel == "compiled" and x_NI.shape[0] == 1:
+            from dbrx.kernels import compiled
+
+            idx = torch.tensor([e], device=x_NI.device)
+            return compiled("rows")(x_NI, self.q, self.scales, f"int{self.bits}", self.group_size, idx).to(self.dtype)
+        if self.kernel in ("dequantize", "compiled"):
             return F.linear(x_NI.to(self.dtype), self.dequantized(e))
         x_NI = x_NI.to(self.compute_dtype)
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x_NI, self.q[e], self.kernel_scales[e])
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x_NI, self.q[e], self.group_size, self.kernel_scales[e])
+            y = torch._weight_int4pack_mm_for_cpu(x_NI, self.packed_q[e], self.group_size, self.kernel_scales[e])
         return y.to(self.dtype)
 
     def _choose_kernel(self) -> tuple[str, torch.dtype]:
@@ -153,14 +184,14 @@ class QuantWeights(nn.Module):
         key = (self.bits, self.dtype, self.O, self.I, self.group_size, str(self.q.device))
         if key in _KERNEL:
             return _KERNEL[key]
-        self.kernel = "dequantize"
-        x = torch.randn(1, self.I, dtype=self.dtype)
+        x = torch.randn(1, self.I, dtype=self.dtype, device=self.q.device)
         options = {("dequantize", self.dtype): lambda: F.linear(x, self.dequantized(0))}
         op = "_weight_int8pack_mm" if self.bits == 8 else "_weight_int4pack_mm_for_cpu"
         if self.q.device.type == "cpu" and hasattr(torch, op) and (self.bits == 8 or self.O % 16 == 0):
-            w = self.q[0] if self.bits == 8 else torch._convert_weight_to_int4pack_for_cpu(self.q[0].to(torch.int32), 2)
+            w = self.q[0] if self.bits == 8 else torch._convert_weight_to_int4pack_for_cpu(
+                self.codes(0).to(torch.int32), 2)
             for dtype in dict.fromkeys((self.dtype, torch.bfloat16)):
-                xd, sd = x.to(dtype), (self.scale[0] if self.bits == 8 else self.sz[0]).to(dtype)
+                xd, sd = x.to(dtype), self.scales[0].to(dtype)
                 options["packed", dtype] = (
                     (lambda xd=xd, sd=sd: torch._weight_int8pack_mm(xd, w, sd)) if self.bits == 8 else
                     (lambda xd=xd, sd=sd: torch._weight_int4pack_mm_for_cpu(xd, w, self.group_size, sd)))
@@ -208,6 +239,12 @@ class QuantExperts(nn.Module):
             w2 = QuantWeights.quantized(mlp.w2.detach().view(E, Fh, D).transpose(1, 2).contiguous(), config, kernel)
         return cls(w1, v1, w2, mlp.act)
 
+    def matrices(self) -> tuple[QuantWeights, QuantWeights, QuantWeights]:
+        return self.w1, self.v1, self.w2
+
+    def compiles(self) -> bool:
+        return all(w.compiles() for w in self.matrices())
+
     def _expert(self, x_nD: torch.Tensor, e: int) -> torch.Tensor:
         return self.w2.mm(self.act(self.w1.mm(x_nD, e)) * self.v1.mm(x_nD, e), e)
 
@@ -215,6 +252,12 @@ class QuantExperts(nn.Module):
         if torch.is_grad_enabled() and x_ND.requires_grad:
             raise RuntimeError("quantised experts are for inference; train the unquantised model")
         N, K = experts_NK.shape
+        if N == 1 and all(w.kernel == "compiled" for w in self.matrices()):
+            from dbrx.kernels import compiled  # one call: the K experts gathered inside fused reductions
+
+            w1, v1, w2 = ((w.q, w.scales) for w in self.matrices())
+            return compiled("experts_glu")(x_ND, weights_NK[0], experts_NK[0], w1, v1, w2, self.act,
+                                           f"int{self.w1.bits}", self.w1.group_size, self.w2.group_size)
         if N == 1:
             y_1D = None
             for e, w in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):

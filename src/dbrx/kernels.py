@@ -1,0 +1,219 @@
+"""Batch-1 decoding products compiled by torch.compile (inductor) into fused reductions, applied from outside.
+
+A decode step reads each active weight once, so it runs at the speed its products stream weights. On the CPUs
+measured, torch's eager products for one row stream bf16 at about half fp32's bytes/s (and pay ~50-90 us per
+call at an expert's size), and the packed int8 kernel reads ~8 GB/s. A reduction that loads the stored weights
+(float, int8 codes or two int4 codes per byte), converts them in registers, applies the scales and accumulates in
+fp32 reads each byte once, and gathering the K chosen experts inside the same reductions makes one call per
+layer's experts instead of three per expert.
+
+`compile_decode(model)` compiles these for the model's experts, attention projections and output head, times
+the model's decode steps with and without each, and keeps the faster (what it prints says which, with the times). It
+changes no parameter or state_dict key; the kernels run only for one row without autograd, everything else
+(prefill, batches, training) takes the eager path. Compiling takes seconds per shape, then inductor's on-disk
+cache makes later processes fast. Where compilation fails (no C++ compiler, say), the eager path stays, with a
+warning.
+
+Shape legend: K experts chosen for the token, E experts, O output size, I input size, G int4 groups per row.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from dbrx.perf import timeit
+
+KINDS = ("float", "int8", "int4")
+
+
+def rows_product(x_KI: torch.Tensor, w, scales, kind: str, group: int, idx_K) -> torch.Tensor:
+    """y_KO (fp32) = x_k . W_k^T, row k against matrix W_k = w[idx_K[k]] (or against w [O, I] itself when idx_K is
+    None): float weights; int8 codes with a scale per output; int4 codes two per byte (the even input column in
+    the low nibble) with a scale and zero point per group of `group` inputs ([.., G, O, 2]), w = (q - 8) * s + z."""
+    x_KI = x_KI.float()
+    w_KOI = w[None] if idx_K is None else w[idx_K]
+    if kind == "float":
+        return (x_KI[:, None, :] * w_KOI.float()).sum(-1)
+    s = scales[None] if idx_K is None else scales[idx_K]
+    if kind == "int8":
+        return (x_KI[:, None, :] * w_KOI.float()).sum(-1) * s.float()
+    K, O, half = w_KOI.shape
+    G = 2 * half // group
+    q_KOGh = w_KOI.view(K, O, G, group // 2)
+    scale_KOG1 = s[..., 0].float().transpose(1, 2)[..., None]
+    zero_KOG1 = s[..., 1].float().transpose(1, 2)[..., None]
+    x_K1Gh2 = x_KI.view(K, 1, G, group // 2, 2)
+    low = ((q_KOGh & 15).float() - 8) * scale_KOG1 + zero_KOG1
+    high = ((q_KOGh >> 4).float() - 8) * scale_KOG1 + zero_KOG1
+    return (x_K1Gh2[..., 0] * low + x_K1Gh2[..., 1] * high).sum((-1, -2))
+
+
+def _rows(x_KI, w, scales, kind, group, idx_K):
+    return rows_product(x_KI, w, scales, kind, group, idx_K).to(x_KI.dtype)
+
+
+def _experts_glu(x_1D, weights_K, experts_K, w1, v1, w2, act, kind, group1, group2):
+    """One token through its K experts: sum_k weight_k * w2_k(act(w1_k x) * v1_k x). Float experts keep w2 as
+    stored ([E, F, D], applied as h @ w2); quantised ones as [E, D, F] with scales per output (dbrx.quant)."""
+    K = experts_K.shape[0]
+    x_KD = x_1D.expand(K, x_1D.shape[-1])
+    h_KF = act(rows_product(x_KD, *w1, kind, group1, experts_K)) * rows_product(x_KD, *v1, kind, group1, experts_K)
+    if kind == "float":
+        y_KD = (h_KF[:, :, None] * w2[0][experts_K].float()).sum(1)
+    else:
+        y_KD = rows_product(h_KF, *w2, kind, group2, experts_K)
+    return (y_KD * weights_K[:, None].float()).sum(0, keepdim=True).to(x_1D.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled(name: str):
+    """The compiled form of one of this module's kernels, made once per process (inductor specialises it per shape
+    and dtype on first call)."""
+    if name not in _COMPILED:
+        # each shape and dtype is its own compiled graph: a model's few (experts, attention, head; int8 and int4)
+        # exceed dynamo's default of 8 per function, past which it would run the reduction eagerly, very slowly
+        limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4 * limit)
+        _COMPILED[name] = torch.compile({"rows": _rows, "experts_glu": _experts_glu}[name],
+                                        dynamic=False)
+    return _COMPILED[name]
+
+
+def int4_group_ok(group: int) -> bool:
+    """The int4 kernel splits each group into pairs of codes (one byte)."""
+    return group % 2 == 0
+
+
+# ---- applying them to a model ---------------------------------------------------------------------------------
+class CompiledRowLinear(nn.Linear):
+    """nn.Linear (the same parameters and state_dict) whose one-row products without autograd run the compiled
+    reduction; installed by compile_decode by changing a Linear's class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and not torch.is_grad_enabled() and self.bias is None:
+            y = compiled("rows")(x.reshape(1, -1), self.weight, None, "float", 0, None)
+            return y.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
+def _float_experts_kernel(experts, x_1D, weights_1K, experts_1K):
+    w1, v1, w2 = experts._inference_weights()
+    return compiled("experts_glu")(x_1D, weights_1K[0], experts_1K[0], (w1, None), (v1, None), (w2, None),
+                                   experts.mlp.act, "float", 0, 0)
+
+
+def _parts(model) -> dict[str, tuple[list, list]]:
+    """Part -> (what to switch to the compiled kernel, what to switch back): the experts, the attention
+    projections and the output head, where a kernel here takes them."""
+    from dbrx.moe import DbrxExperts
+    from dbrx.quant import QuantExperts, QuantLinear
+
+    def linear(owner, name):
+        module = getattr(owner, name)
+        if isinstance(module, QuantLinear) and module.weights.compiles():
+            w, kernel, dtype = module.weights, module.weights.kernel, module.weights.compute_dtype
+            return (lambda: w.use_kernel("compiled")), (lambda: w.use_kernel(kernel, dtype))
+        if type(module) is nn.Linear and module.bias is None:
+            return (lambda: setattr(module, "__class__", CompiledRowLinear)), \
+                (lambda: setattr(module, "__class__", nn.Linear))
+        return None
+
+    parts: dict[str, tuple[list, list]] = {}
+    blocks = model.transformer.blocks
+    experts = [b.ffn.experts for b in blocks]
+    if all(isinstance(e, QuantExperts) and e.compiles() for e in experts):
+        matrices = [(w, w.kernel, w.compute_dtype) for e in experts for w in e.matrices()]
+        parts["experts"] = ([lambda w=w: w.use_kernel("compiled") for w, _, _ in matrices],
+                            [lambda w=w, k=k, d=d: w.use_kernel(k, d) for w, k, d in matrices])
+    elif all(type(e) is DbrxExperts and e.mlp.lora is None for e in experts):
+        parts["experts"] = ([lambda e=e: setattr(e, "one_token", _float_experts_kernel) for e in experts],
+                            [lambda e=e: setattr(e, "one_token", None) for e in experts])
+    attention = [linear(b.norm_attn_norm.attn, n) for b in blocks for n in ("Wqkv", "out_proj")]
+    if all(attention):
+        parts["attention"] = ([a for a, _ in attention], [u for _, u in attention])
+    head = linear(model, "lm_head")
+    if head:
+        parts["lm_head"] = ([head[0]], [head[1]])
+    return parts
+
+
+def _step_time(model, steps: int) -> float:
+    """Seconds per batch-1 decode step (the shortest mean over `steps` steps of two tries)."""
+    from dbrx.generate import decode_one_token, prefill
+    from dbrx.model import KVCache
+    from dbrx.placement import layer_devices
+
+    dtype = model.transformer.wte.weight.dtype
+    device = model.transformer.wte.weight.device
+    cache = KVCache(model.config, 1, 2 * steps + 2, dtype, layer_devices(model))
+    ids = torch.tensor([[1, 2]], device=device)
+    prefill(model, ids, cache, None)
+    best = float("inf")
+    for start in (2, 2 + steps):
+        t = timeit(lambda: [decode_one_token(model, ids[:, 0], cache, pos, None)
+                            for pos in range(start, start + steps)], warmup=0, reps=1, device=device)
+        best = min(best, t / steps)
+    return best
+
+
+def compile_decode(model, log=print, steps: int = 8, tries: int = 3) -> dict[str, str]:
+    """Compile the one-row kernels for the model's experts, attention projections (Wqkv, out_proj) and output head,
+    and keep each where batch-1 decode steps of this model, on its devices, measure faster with it than without
+    (part by part, the two timed in turns `tries` times, the shortest of each kept): a kernel timed alone runs
+    on weights its repetitions left in the cache, unlike a decode step. Returns what was chosen for each part,
+    with both step times."""
+    undo_compile_decode(model)
+    parts = _parts(model)
+    chosen: dict[str, str] = {}
+    try:
+        with torch.inference_mode():
+            for apply, _ in parts.values():  # compile every kernel first: the timings then hold no compilation
+                for fn in apply:
+                    fn()
+            _step_time(model, 2)
+            for _, undo in parts.values():
+                for fn in undo:
+                    fn()
+            _step_time(model, 2)
+            for part, (apply, undo) in parts.items():
+                eager = fast = float("inf")
+                for _ in range(tries):
+                    eager = min(eager, _step_time(model, steps))
+                    for fn in apply:
+                        fn()
+                    fast = min(fast, _step_time(model, steps))
+                    for fn in undo:
+                        fn()
+                if fast < eager:
+                    for fn in apply:
+                        fn()
+                which = "compiled" if fast < eager else "eager"
+                chosen[part] = f"{which} (decode step: {fast * 1e3:.2f} ms compiled, {eager * 1e3:.2f} ms eager)"
+    except Exception as e:  # noqa: BLE001 - a compiler or backend the machine lacks: keep the eager path
+        warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding "
+                      "keeps the eager kernels", stacklevel=2)
+        undo_compile_decode(model)
+        return {}
+    for part, verdict in chosen.items():
+        log(f"compiled decode, {part}: {verdict}")
+    return chosen
+
+
+def undo_compile_decode(model) -> None:
+    """Back to the eager kernels everywhere."""
+    from dbrx.quant import QuantWeights
+
+    for module in model.modules():
+        if isinstance(module, CompiledRowLinear):
+            module.__class__ = nn.Linear
+        if hasattr(module, "one_token"):
+            module.one_token = None
+        if isinstance(module, QuantWeights) and module.kernel == "compiled":
+            module.use_kernel(None)
