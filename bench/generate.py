@@ -6,7 +6,8 @@ machine's memory-bandwidth ceiling (active weight bytes per token / bandwidth of
 
 With --quant, each weight-only quantisation (dbrx.quant: the experts, `+head` the output head too) is measured the
 same way on the fp32 checkpoint, against its own ceiling (the bytes a step reads as stored) and against the best
-unquantised decode of the run.
+unquantised decode of the run. With --compile, each is measured again after dbrx.kernels.compile_decode (compiled
+one-row kernels where they measured faster), as `<name>+compiled`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.generate import generate
-from dbrx.perf import choose_inference_dtype, machine_profile, matvec_bandwidth
+from dbrx.kernels import compile_decode
+from dbrx.quant import QuantConfig, quantize
+from dbrx.perf import choose_inference_dtype, machine_profile
 
 
 def active_weight_bytes(model: DbrxForCausalLM, dtype: torch.dtype) -> int:
@@ -54,9 +57,28 @@ def best_of(fn, reps: int) -> float:
     return min(times)
 
 
+def bandwidth_now(device: str) -> float:
+    """Bytes/s of the faster fp32 matrix-vector layout, measured afresh (not the process' cached figure)."""
+    from dbrx.perf import matvec_rate
+
+    return 4 * max(matvec_rate.__wrapped__(torch.float32, device, cm) for cm in (False, True))
+
+
+def decode_speed(model, prompt, n: int) -> float:
+    """Decode tok/s: the n - 1 tokens after the first, whose time is the prefill's."""
+    return (n - 1) / (best_of(lambda: generate(model, prompt, n), 1) - best_of(lambda: generate(model, prompt, 1), 1))
+
+
+def describe(chosen: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in chosen.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dbrx-small")
+    ap.add_argument("--d-model", type=int, help="change the preset's d_model (issue 15's 6-layer config: 384)")
+    ap.add_argument("--n-layers", type=int, help="change the preset's number of blocks (6)")
+    ap.add_argument("--ffn-hidden-size", type=int, help="change the preset's expert width (768)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--dtypes", default="float32,bfloat16,auto")
@@ -64,18 +86,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (ours and the ceiling only)")
     ap.add_argument("--quant", default="", help="also measure these: int8, int4, int8+head, int4+head")
+    ap.add_argument("--compile", action="store_true", help="also measure each with dbrx.kernels.compile_decode")
     args = ap.parse_args()
     import transformers
 
     print(machine_profile(args.device).describe(), flush=True)
     cfg = DbrxConfig.from_name(args.preset)
+    changes = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers)) if v}
+    if args.ffn_hidden_size:
+        changes["ffn_config"] = {"ffn_hidden_size": args.ffn_hidden_size}
+    cfg = cfg.replace(**changes)
     torch.manual_seed(0)
-    print(f"config {args.preset}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.kv_n_heads} heads, "
-          f"{cfg.num_experts} experts top {cfg.top_k}, width {cfg.ffn_config.ffn_hidden_size}, vocab {cfg.vocab_size}; "
-          f"device {args.device}, transformers {transformers.__version__}")
+    print(f"config {args.preset}{' (changed)' if changes else ''}: d_model {cfg.d_model}, {cfg.n_layers} layers, "
+          f"{cfg.n_heads}/{cfg.kv_n_heads} heads, {cfg.num_experts} experts top {cfg.top_k}, width "
+          f"{cfg.ffn_config.ffn_hidden_size}, vocab {cfg.vocab_size}; device {args.device}, transformers "
+          f"{transformers.__version__}; every configuration measured in turns, rep by rep, with the bandwidth",
+          flush=True)
     prompt = torch.randint(0, 100000, (args.prompt_tokens,)).tolist()
     n = args.new_tokens
-    speeds = {}
+    runs = {}  # label -> (decode function, bytes a step reads, note)
     with tempfile.TemporaryDirectory() as tmp:
         model = DbrxForCausalLM(cfg)
         model.save_pretrained(tmp)
@@ -87,53 +116,61 @@ def main() -> None:
                 dtype_name = f"auto={str(dtype).removeprefix('torch.')}"
             else:
                 dtype = getattr(torch, dtype_name)
-            bw = matvec_bandwidth(torch.float32, args.device)
-            ours = DbrxForCausalLM.from_pretrained(tmp, dtype=dtype, device=args.device)
-            generate(ours, prompt, 2)  # warm-up
-            t_ours = best_of(lambda: generate(ours, prompt, n), args.reps)
-            t_prefill = best_of(lambda: generate(ours, prompt, 1), args.reps)
-            decode_tps = (n - 1) / (t_ours - t_prefill)
-            speeds[dtype_name] = decode_tps
-            ceiling = bw / active_weight_bytes(ours, dtype)
-            line = (f"[{dtype_name}] ours: {n / t_ours:7.2f} tok/s end to end, decode {decode_tps:7.2f} tok/s = "
-                    f"{decode_tps / ceiling:5.1%} of the bandwidth ceiling {ceiling:6.2f} tok/s "
-                    f"(fp32 matvec {bw / 1e9:.2f} GB/s, {active_weight_bytes(ours, dtype) / 2**20:.0f} MiB/token)")
+            for compiled in (False, True) if args.compile else (False,):
+                ours = DbrxForCausalLM.from_pretrained(tmp, dtype=dtype, device=args.device)
+                note = describe(compile_decode(ours, log=lambda _: None)) if compiled else ""
+                generate(ours, prompt, 2)  # warm-up
+                runs[dtype_name + "+compiled" * compiled] = (
+                    lambda m=ours: decode_speed(m, prompt, n), active_weight_bytes(ours, dtype), note)
             if not args.no_hf:
                 hf = transformers.DbrxForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
                 ids = torch.tensor([prompt], device=args.device)
 
-                def hf_generate(k=n):
+                def hf_generate(k, hf=hf, ids=ids):
                     return hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                        eos_token_id=None, pad_token_id=0)
 
-                ref = hf_generate()[0, len(prompt):].tolist()
-                t_hf = best_of(hf_generate, args.reps)
-                same = ref == generate(ours, prompt, n)
-                line += (f"\n[{dtype_name}] transformers: {n / t_hf:7.2f} tok/s end to end; "
-                         f"ours/transformers = {t_hf / t_ours:.2f}x; greedy tokens identical: {same}")
-                del hf
-            print(line, flush=True)
-        from dbrx.quant import QuantConfig, quantize
-
-        best = max(speeds, key=speeds.get) if speeds else None
+                same = hf_generate(n)[0, len(prompt):].tolist() == generate(ours, prompt, n)
+                runs[f"{dtype_name} transformers"] = (
+                    lambda f=hf_generate: (n - 1) / (best_of(lambda: f(n), 1) - best_of(lambda: f(1), 1)),
+                    active_weight_bytes(ours, dtype), f"greedy tokens identical to ours: {same}")
         for spec in [q for q in args.quant.split(",") if q]:
             bits, include = int(spec[3]), ("lm_head",) if spec.endswith("+head") else ()
-            model = DbrxForCausalLM.from_pretrained(tmp, dtype=torch.float32, device=args.device)
-            ceiling = matvec_bandwidth(torch.float32, args.device) / quantized_active_bytes(model, bits, include)
-            chosen = quantize(model, QuantConfig(bits, 128, include))
-            generate(model, prompt, 2)
-            t_all = best_of(lambda: generate(model, prompt, n), args.reps)
-            tps = (n - 1) / (t_all - best_of(lambda: generate(model, prompt, 1), args.reps))
-            speeds[spec] = tps
-            vs = f"; {tps / speeds[best]:.2f}x the best unquantised ({best}, {speeds[best]:.2f})" if best else ""
-            vs += f"; {tps / speeds['int8']:.2f}x int8" if spec == "int4" and "int8" in speeds else ""
-            vs += f"; {tps / speeds['int8+head']:.2f}x int8+head" if spec == "int4+head" and "int8+head" in speeds else ""
-            print(f"[{spec}] ours: decode {tps:7.2f} tok/s = {tps / ceiling:5.1%} of its ceiling {ceiling:6.2f} tok/s"
-                  f"{vs} ({'; '.join(f'{k}: {v}' for k, v in chosen.items())})", flush=True)
-            del model
-    auto = next((k for k in speeds if k.startswith("auto=")), None)
+            for compiled in (False, True) if args.compile else (False,):
+                model = DbrxForCausalLM.from_pretrained(tmp, dtype=torch.float32, device=args.device)
+                size = quantized_active_bytes(model, bits, include)
+                chosen = quantize(model, QuantConfig(bits, 128, include))
+                if compiled:
+                    chosen = compile_decode(model, log=lambda _: None)
+                generate(model, prompt, 2)
+                runs[spec + "+compiled" * compiled] = (lambda m=model: decode_speed(m, prompt, n), size,
+                                                       describe(chosen))
+        speeds = {label: 0.0 for label in runs}
+        bw = 0.0
+        for _ in range(args.reps):
+            bw = max(bw, bandwidth_now(args.device))
+            for label, (fn, _, _) in runs.items():
+                speeds[label] = max(speeds[label], fn())
+    print(f"memory bandwidth (fp32 matrix-vector, best of the reps): {bw / 1e9:.2f} GB/s")
+    unquantised = [k for k in speeds if not k.startswith("int") and "transformers" not in k]
+    best = max(unquantised, key=speeds.get, default=None)
+    for label, (_, size, note) in runs.items():
+        tps, ceiling = speeds[label], bw / size
+        line = (f"[{label}] decode {tps:7.2f} tok/s = {tps / ceiling:5.1%} of its ceiling {ceiling:6.2f} tok/s "
+                f"({size / 2**20:.0f} MiB/token)")
+        base = label.split("+compiled")[0].split(" ")[0]
+        if label.endswith("+compiled") and base in speeds:
+            line += f"; {tps / speeds[base]:.2f}x eager"
+        if label.endswith("transformers"):
+            line += f"; ours/transformers = {speeds[base] / tps:.2f}x"
+        if label.startswith("int") and best:
+            line += f"; {tps / speeds[best]:.2f}x the best unquantised ({best}, {speeds[best]:.2f})"
+        if label.startswith("int4") and "int8" + label[4:] in speeds:
+            line += f"; {tps / speeds['int8' + label[4:]]:.2f}x int8{label[4:]}"
+        print(line + (f" [{note}]" if note else ""), flush=True)
+    auto = next((k for k in speeds if k.startswith("auto=") and "+" not in k and " " not in k), None)
     if auto:
-        fastest = max((k for k in speeds if k != auto and not k.startswith("int")), key=speeds.get, default=None)
+        fastest = max((k for k in unquantised if not k.startswith("auto=")), key=speeds.get, default=None)
         if fastest:
             print(f"--dtype auto chose {auto.split('=')[1]}; the fastest decode measured here: {fastest} "
                   f"({speeds[fastest]:.2f} tok/s; auto {speeds[auto]:.2f})")
