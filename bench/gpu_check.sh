@@ -14,6 +14,7 @@ log="${OUT:-/tmp}/gpu_check.log"
     # spread over the visible GPUs (one GPU: cuda:0 twice), quantised products and experts, compiled kernels
     python3 -m pytest -q -p no:cacheprovider -k "not quality and not demo" \
         tests/test_placement.py tests/test_quant.py tests/test_kernels.py
+    python3 bench/load.py --dtype bfloat16 --devices cuda:0,cuda:0   # host memory while the blocks go to the GPU
     python3 bench/generate.py --device cuda --dtypes bfloat16 --quant int8,int8+head,int4+head --compile \
         --new-tokens 128 --reps 3 --no-hf
     python3 bench/generate.py --device cuda --dtypes bfloat16 --quant int8,int4 --compile --new-tokens 128 \

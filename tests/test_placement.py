@@ -178,3 +178,40 @@ def test_generate_with_devices_spreads_the_model_and_prints_the_same_text(tmp_pa
                               text=True, timeout=300)
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == alone.stdout and "compiled decode, experts:" in compiled.stderr
+
+
+def test_eval_scores_and_generates_the_same_on_a_spread_model(tmp_path):
+    import json
+
+    from dbrx import DbrxForCausalLM
+    from dbrx.eval import evaluate
+    from dbrx.tokenizer import Tokenizer
+
+    torch.manual_seed(0)  # the full vocabulary, so that the tokenizer's ids are the model's
+    cfg = DbrxConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=100352,
+                     attn_config={"kv_n_heads": 1}, ffn_config={"ffn_hidden_size": 24})
+    DbrxForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    d0, d1 = _two_devices()
+    one = DbrxForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, device=d0)
+    spread = DbrxForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, device_map={
+        "transformer.wte": d0, "transformer.blocks.0": d0, "transformer.blocks.1": d1, "transformer.norm_f": d1,
+        "lm_head": d1})
+    mc, qa = tmp_path / "mc.jsonl", tmp_path / "qa.jsonl"
+    mc.write_text("".join(json.dumps({"query": f"Which word follows {w}?", "choices": ["alpha", "beta", "gamma"],
+                                      "gold": i % 3}) + "\n" for i, w in enumerate(["one", "two", "three", "four"])))
+    qa.write_text("".join(json.dumps({"context": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                          for i in range(3)))
+    tasks = {"max_seq_len": 128, "device_eval_batch_size": 2, "icl_tasks": [
+        {"label": "mc", "dataset_uri": str(mc), "icl_task_type": "multiple_choice", "num_fewshot": [0, 1]},
+        {"label": "qa", "dataset_uri": str(qa), "icl_task_type": "generation_task_with_answers", "num_fewshot": [0],
+         "continuation_delimiter": "\nAnswer:", "early_stopping_criteria": ["\n"]}]}
+    results = {}
+    for name, model in (("one", one), ("spread", spread)):
+        results[name] = evaluate(model, Tokenizer(), tasks, out_dir=tmp_path / name, log=lambda *_: None)
+    assert results["spread"]["metrics"].keys() == results["one"]["metrics"].keys()
+    for key, value in results["one"]["metrics"].items():
+        assert results["spread"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "examples.jsonl").read_text().splitlines()]
+            for name in results}
+    assert [r.get("generation") for r in rows["spread"]] == [r.get("generation") for r in rows["one"]]
+    assert any(r.get("generation") for r in rows["one"])
