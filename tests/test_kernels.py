@@ -11,8 +11,8 @@ from torch import nn
 
 from dbrx import DbrxForCausalLM, generate
 from dbrx.config import DbrxConfig
-from dbrx.kernels import (CompiledRowLinear, _float_experts_kernel, compile_decode, compiled, rows_product,
-                          undo_compile_decode)
+from dbrx.kernels import (CompiledRowLinear, MvRowLinear, _float_experts_kernel, compile_decode, compiled,
+                          rows_product, undo_compile_decode)
 from dbrx.quant import QuantConfig, QuantWeights, quantize
 
 DEVICE = os.environ.get("DBRX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs these on cuda
@@ -95,14 +95,30 @@ def test_compiled_decoding_matches_the_eager_model(dtype, bits):
     torch.testing.assert_close(batch[1], want, rtol=tol, atol=tol * want.abs().max().item())
     undo_compile_decode(model)
     assert not any(isinstance(m, CompiledRowLinear) for m in model.modules())
+    if bits:  # back to eager is back to the measured kernels: the rest is for float linear layers
+        return
+    for module in model.modules():  # torch.mv for the float linear layers
+        if type(module) is nn.Linear:
+            module.__class__ = MvRowLinear
+    with torch.inference_mode():
+        cache = KVCache(TINY, 1, 8, dtype, DEVICE)
+        prefill(model, torch.tensor([prompt[:-1]], device=DEVICE), cache, None)
+        got = decode_one_token(model, torch.tensor([prompt[-1]], device=DEVICE), cache, len(prompt) - 1,
+                               None)[0].float()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    undo_compile_decode(model)
+    assert not any(isinstance(m, MvRowLinear) for m in model.modules())
 
 
 def test_compile_decode_keeps_what_measures_faster_and_training_stays_eager():
     model = _tiny_model()
     chosen = compile_decode(model, log=lambda _: None, steps=2, tries=1)
     assert set(chosen) == {"experts", "attention", "lm_head"}
-    assert all(v.startswith(("compiled (decode step", "eager (decode step")) for v in chosen.values())
-    assert isinstance(model.lm_head, CompiledRowLinear) == chosen["lm_head"].startswith("compiled")
+    assert all(v.startswith(("compiled (decode step", "eager (decode step", "mv (decode step"))
+               for v in chosen.values())
+    assert chosen["lm_head"].startswith({nn.Linear: "eager", CompiledRowLinear: "compiled",
+                                         MvRowLinear: "mv"}[type(model.lm_head)])
+    assert "mv " in chosen["attention"] and "compiled " in chosen["experts"]  # every candidate was timed
     _all_compiled(model)
     model.train()
     x = torch.randint(0, 300, (1, 1), device=DEVICE)

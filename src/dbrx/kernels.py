@@ -1,18 +1,19 @@
-"""Batch-1 decoding products compiled by torch.compile (inductor) into fused reductions, applied from outside.
+"""Batch-1 decoding kernels, applied to a model from outside: products compiled by torch.compile (inductor) into
+fused reductions, and torch.mv for float linear layers.
 
 A decode step reads each active weight once, so it runs at the speed its products stream weights. On the CPUs
-measured, torch's eager products for one row stream bf16 at about half fp32's bytes/s (and pay ~50-90 us per
-call at an expert's size), and the packed int8 kernel reads ~8 GB/s. A reduction that loads the stored weights
-(float, int8 codes or two int4 codes per byte), converts them in registers, applies the scales and accumulates in
-fp32 reads each byte once, and gathering the K chosen experts inside the same reductions makes one call per
-layer's experts instead of three per expert.
+measured, torch's one-row products stream bf16 and int8 at about half fp32's bytes/s and pay ~50-90 us per call at
+an expert's size. A reduction that loads the stored weights (float, int8 codes or two int4 codes per byte),
+converts them in registers, applies the scales and accumulates in fp32 reads each byte once, and gathering the K
+chosen experts inside the same reductions makes one call per layer's experts instead of three per expert.
 
-`compile_decode(model)` compiles these for the model's experts, attention projections and output head, times
-the model's decode steps with and without each, and keeps the faster (what it prints says which, with the times). It
-changes no parameter or state_dict key; the kernels run only for one row without autograd, everything else
-(prefill, batches, training) takes the eager path. Compiling takes seconds per shape, then inductor's on-disk
-cache makes later processes fast. Where compilation fails (no C++ compiler, say), the eager path stays, with a
-warning.
+`compile_decode(model)` compiles these for the model's experts, attention projections and output head, times the
+model's decode steps with each candidate and without, part by part, and keeps the fastest (it says which, with the
+times). Kernels timed alone mislead: their repetitions leave the weights in the cache, which a decode step, reading
+every layer's weights once, does not. Nothing changes a parameter or a state_dict key; the kernels run only for
+one row without autograd, and prefill, batches and training take the eager path. Compiling takes seconds per shape;
+inductor's on-disk cache makes later processes faster. Where compilation fails (no C++ compiler, say), the eager
+path stays, with a warning.
 
 Shape legend: K experts chosen for the token, E experts, O output size, I input size, G int4 groups per row.
 """
@@ -26,7 +27,9 @@ from torch import nn
 
 from dbrx.perf import timeit
 
-KINDS = ("float", "int8", "int4")
+MIN_GAIN = 0.03
+"""A kernel replaces the eager path only where decode steps measure at least this much shorter with it: on a shared
+2-core machine, steps of the same code differ by a few percent from one timing to the next."""
 
 
 def rows_product(x_KI: torch.Tensor, w, scales, kind: str, group: int, idx_K) -> torch.Tensor:
@@ -103,45 +106,59 @@ class CompiledRowLinear(nn.Linear):
         return super().forward(x)
 
 
+class MvRowLinear(nn.Linear):
+    """The same for torch.mv: a matrix-vector product, which on the CPUs measured streams bf16 weights ~1.3x faster
+    than the one-row matrix product that F.linear runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and not torch.is_grad_enabled() and self.bias is None:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
+ROW_LINEARS = {"compiled": CompiledRowLinear, "mv": MvRowLinear}
+
+
 def _float_experts_kernel(experts, x_1D, weights_1K, experts_1K):
     w1, v1, w2 = experts._inference_weights()
     return compiled("experts_glu")(x_1D, weights_1K[0], experts_1K[0], (w1, None), (v1, None), (w2, None),
                                    experts.mlp.act, "float", 0, 0)
 
 
-def _parts(model) -> dict[str, tuple[list, list]]:
-    """Part -> (what to switch to the compiled kernel, what to switch back): the experts, the attention
-    projections and the output head, where a kernel here takes them."""
+def _parts(model) -> dict[str, dict[str, tuple[list, list]]]:
+    """Part -> {candidate kernel: (what switches the part to it, what switches it back)}: the experts, the
+    attention projections and the output head, where a kernel here takes them."""
     from dbrx.moe import DbrxExperts
     from dbrx.quant import QuantExperts, QuantLinear
 
-    def linear(owner, name):
+    def linear(owner, name) -> dict[str, tuple]:
         module = getattr(owner, name)
         if isinstance(module, QuantLinear) and module.weights.compiles():
             w, kernel, dtype = module.weights, module.weights.kernel, module.weights.compute_dtype
-            return (lambda: w.use_kernel("compiled")), (lambda: w.use_kernel(kernel, dtype))
+            return {"compiled": ((lambda: w.use_kernel("compiled")), (lambda: w.use_kernel(kernel, dtype)))}
         if type(module) is nn.Linear and module.bias is None:
-            return (lambda: setattr(module, "__class__", CompiledRowLinear)), \
-                (lambda: setattr(module, "__class__", nn.Linear))
-        return None
+            back = lambda: setattr(module, "__class__", nn.Linear)  # noqa: E731
+            return {k: ((lambda c=c: setattr(module, "__class__", c)), back) for k, c in ROW_LINEARS.items()}
+        return {}
 
-    parts: dict[str, tuple[list, list]] = {}
+    def together(switches: list[dict[str, tuple]]) -> dict[str, tuple[list, list]]:
+        """One part made of several modules: the candidates all of them take."""
+        common = set.intersection(*(set(s) for s in switches)) if switches else set()
+        return {k: ([s[k][0] for s in switches], [s[k][1] for s in switches]) for k in sorted(common)}
+
+    parts: dict[str, dict[str, tuple[list, list]]] = {}
     blocks = model.transformer.blocks
     experts = [b.ffn.experts for b in blocks]
     if all(isinstance(e, QuantExperts) and e.compiles() for e in experts):
         matrices = [(w, w.kernel, w.compute_dtype) for e in experts for w in e.matrices()]
-        parts["experts"] = ([lambda w=w: w.use_kernel("compiled") for w, _, _ in matrices],
-                            [lambda w=w, k=k, d=d: w.use_kernel(k, d) for w, k, d in matrices])
+        parts["experts"] = {"compiled": ([lambda w=w: w.use_kernel("compiled") for w, _, _ in matrices],
+                                         [lambda w=w, k=k, d=d: w.use_kernel(k, d) for w, k, d in matrices])}
     elif all(type(e) is DbrxExperts and e.mlp.lora is None for e in experts):
-        parts["experts"] = ([lambda e=e: setattr(e, "one_token", _float_experts_kernel) for e in experts],
-                            [lambda e=e: setattr(e, "one_token", None) for e in experts])
-    attention = [linear(b.norm_attn_norm.attn, n) for b in blocks for n in ("Wqkv", "out_proj")]
-    if all(attention):
-        parts["attention"] = ([a for a, _ in attention], [u for _, u in attention])
-    head = linear(model, "lm_head")
-    if head:
-        parts["lm_head"] = ([head[0]], [head[1]])
-    return parts
+        parts["experts"] = {"compiled": ([lambda e=e: setattr(e, "one_token", _float_experts_kernel) for e in experts],
+                                         [lambda e=e: setattr(e, "one_token", None) for e in experts])}
+    parts["attention"] = together([linear(b.norm_attn_norm.attn, n) for b in blocks for n in ("Wqkv", "out_proj")])
+    parts["lm_head"] = together([linear(model, "lm_head")])
+    return {part: candidates for part, candidates in parts.items() if candidates}
 
 
 def _step_time(model, steps: int) -> float:
@@ -165,37 +182,41 @@ def _step_time(model, steps: int) -> float:
 
 def compile_decode(model, log=print, steps: int = 8, tries: int = 3) -> dict[str, str]:
     """Compile the one-row kernels for the model's experts, attention projections (Wqkv, out_proj) and output head,
-    and keep each where batch-1 decode steps of this model, on its devices, measure faster with it than without
-    (part by part, the two timed in turns `tries` times, the shortest of each kept): a kernel timed alone runs
-    on weights its repetitions left in the cache, unlike a decode step. Returns what was chosen for each part,
-    with both step times."""
+    and keep each where batch-1 decode steps of this model, on its devices, measure MIN_GAIN faster with it than
+    without (part by part, the candidates timed in turns `tries` times, the shortest of each kept): a kernel timed
+    alone runs on weights its repetitions left in the cache, unlike a decode step. Returns what was chosen for each
+    part, with every candidate's step time."""
     undo_compile_decode(model)
     parts = _parts(model)
     chosen: dict[str, str] = {}
+
+    def switch(fns):
+        for fn in fns:
+            fn()
+
     try:
         with torch.inference_mode():
-            for apply, _ in parts.values():  # compile every kernel first: the timings then hold no compilation
-                for fn in apply:
-                    fn()
+            for candidates in parts.values():  # compile every kernel first: the timings then hold no compilation
+                for apply, undo in candidates.values():
+                    switch(apply)
+                    _step_time(model, 2)
+                    switch(undo)
             _step_time(model, 2)
-            for _, undo in parts.values():
-                for fn in undo:
-                    fn()
-            _step_time(model, 2)
-            for part, (apply, undo) in parts.items():
-                eager = fast = float("inf")
+            for part, candidates in parts.items():
+                times = {name: float("inf") for name in ("eager", *candidates)}
                 for _ in range(tries):
-                    eager = min(eager, _step_time(model, steps))
-                    for fn in apply:
-                        fn()
-                    fast = min(fast, _step_time(model, steps))
-                    for fn in undo:
-                        fn()
-                if fast < eager:
-                    for fn in apply:
-                        fn()
-                which = "compiled" if fast < eager else "eager"
-                chosen[part] = f"{which} (decode step: {fast * 1e3:.2f} ms compiled, {eager * 1e3:.2f} ms eager)"
+                    times["eager"] = min(times["eager"], _step_time(model, steps))
+                    for name, (apply, undo) in candidates.items():
+                        switch(apply)
+                        times[name] = min(times[name], _step_time(model, steps))
+                        switch(undo)
+                best = min(times, key=times.get)
+                if times[best] > times["eager"] * (1 - MIN_GAIN):  # within the machine's noise: stay eager
+                    best = "eager"
+                if best != "eager":
+                    switch(candidates[best][0])
+                steps_ms = ", ".join(f"{k} {t * 1e3:.2f} ms" for k, t in times.items())
+                chosen[part] = f"{best} (decode step: {steps_ms})"
     except Exception as e:  # noqa: BLE001 - a compiler or backend the machine lacks: keep the eager path
         warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding "
                       "keeps the eager kernels", stacklevel=2)
@@ -211,7 +232,7 @@ def undo_compile_decode(model) -> None:
     from dbrx.quant import QuantWeights
 
     for module in model.modules():
-        if isinstance(module, CompiledRowLinear):
+        if type(module) in ROW_LINEARS.values():
             module.__class__ = nn.Linear
         if hasattr(module, "one_token"):
             module.one_token = None
