@@ -138,4 +138,4 @@ def test_the_compiled_experts_gather_only_the_chosen_experts():
                                                                                        weights.tolist()))
     with torch.inference_mode():
         got = compiled("experts_glu")(x, weights, experts, (w1, None), (v1, None), (w2, None), F.silu, "float", 0, 0)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

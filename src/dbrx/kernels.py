@@ -78,6 +78,7 @@ def compiled(name: str):
     """The compiled form of one of this module's kernels, made once per process (inductor specialises it per shape
     and dtype on first call)."""
     if name not in _COMPILED:
+        _separate_cache_per_isa()
         # each shape and dtype is its own compiled graph: a model's few (experts, attention, head; int8 and int4)
         # exceed dynamo's default of 8 per function, past which it would run the reduction eagerly, very slowly
         limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -87,6 +88,19 @@ def compiled(name: str):
         _COMPILED[name] = torch.compile({"rows": _rows, "experts_glu": _experts_glu}[name],
                                         dynamic=False)
     return _COMPILED[name]
+
+
+def _separate_cache_per_isa() -> None:
+    """Give inductor's on-disk cache a folder per CPU capability (AVX512, AVX2, ...) unless the user chose one:
+    when the capability changed under one cache (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine, here), kernels read
+    back from it computed NaN and garbage."""
+    import os
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        isa = torch.backends.cpu.get_cpu_capability()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"dbrx-{isa.lower()}")
 
 
 def int4_group_ok(group: int) -> bool:
