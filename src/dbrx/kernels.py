@@ -93,14 +93,16 @@ def compiled(name: str):
 def _separate_cache_per_isa() -> None:
     """Give inductor's on-disk cache a folder per CPU capability (AVX512, AVX2, ...) unless the user chose one:
     when the capability changed under one cache (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine, here), kernels read
-    back from it computed NaN and garbage."""
+    back from it computed NaN and garbage. Importing torch._inductor.config sets the variable to the default folder
+    itself, so that value counts as unchosen."""
     import os
 
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    default = os.path.abspath(default_cache_dir())
+    if os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default)) == default:
         isa = torch.backends.cpu.get_cpu_capability()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"dbrx-{isa.lower()}")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"dbrx-{isa.lower()}")
 
 
 def int4_group_ok(group: int) -> bool:

@@ -4,13 +4,14 @@ The experts (127B of DBRX's 132B parameters) are quantised; `include` adds "atte
 "lm_head". Activations stay in the model's dtype. int8 is symmetric with a scale per output channel; int4 is
 asymmetric in groups of `group_size` along the input (the largest divisor of the input size below it, where it
 does not divide), with a scale and a zero point per group (torch's int4 convention: w = (q - 8) * scale + zero,
-q in 0..15). The experts' w2 is applied as h @ w2, so it is kept transposed
-per expert ([E, D, F]): its scales are then per output channel like every other matrix's.
+q in 0..15), two codes per byte in memory as on disk. The experts' w2 is applied as h @ w2, so it is kept
+transposed per expert ([E, D, F]): its scales are then per output channel like every other matrix's.
 
 Each product runs through torch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`:
 private, so guarded), with activations in the weights' dtype or in bf16, or a plain dequantise-then-matmul
 fallback, whichever measured faster for that matrix's shape and dtype on this machine (once per process); off the
-CPU, the fallback.
+CPU, the fallback. dbrx.kernels.compile_decode may switch one-row products to its compiled reduction, which reads
+the codes as stored.
 """
 
 from __future__ import annotations
