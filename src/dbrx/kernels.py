@@ -203,6 +203,7 @@ def compile_decode(model, log=print, steps: int = 8, tries: int = 3) -> dict[str
     alone runs on weights its repetitions left in the cache, unlike a decode step. Returns what was chosen for each
     part, with every candidate's step time."""
     undo_compile_decode(model)
+    steps = max(1, min(steps, (model.config.max_seq_len - 2) // 2))  # the timing's cache fits the model
     parts = _parts(model)
     chosen: dict[str, str] = {}
 
