@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.generate import generate
 from dbrx.kernels import compile_decode
 from dbrx.quant import QuantConfig, quantize
-from dbrx.perf import choose_inference_dtype, machine_profile
+from dbrx.perf import choose_inference_dtype, machine_profile, timeit
 
 
 def active_weight_bytes(model: DbrxForCausalLM, dtype: torch.dtype) -> int:
@@ -48,13 +47,9 @@ def quantized_active_bytes(model: DbrxForCausalLM, bits: int, include: tuple[str
     return total
 
 
-def best_of(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def once(fn) -> float:
+    """Seconds of one call: each rep of the run times every configuration once, in turns."""
+    return timeit(fn, warmup=0, reps=1)
 
 
 def bandwidth_now(device: str) -> float:
@@ -66,7 +61,7 @@ def bandwidth_now(device: str) -> float:
 
 def decode_speed(model, prompt, n: int) -> float:
     """Decode tok/s: the n - 1 tokens after the first, whose time is the prefill's."""
-    return (n - 1) / (best_of(lambda: generate(model, prompt, n), 1) - best_of(lambda: generate(model, prompt, 1), 1))
+    return (n - 1) / (once(lambda: generate(model, prompt, n)) - once(lambda: generate(model, prompt, 1)))
 
 
 def describe(chosen: dict[str, str]) -> str:
@@ -132,7 +127,7 @@ def main() -> None:
 
                 same = hf_generate(n)[0, len(prompt):].tolist() == generate(ours, prompt, n)
                 runs[f"{dtype_name} transformers"] = (
-                    lambda f=hf_generate: (n - 1) / (best_of(lambda: f(n), 1) - best_of(lambda: f(1), 1)),
+                    lambda f=hf_generate: (n - 1) / (once(lambda: f(n)) - once(lambda: f(1))),
                     active_weight_bytes(ours, dtype), f"greedy tokens identical to ours: {same}")
         for spec in [q for q in args.quant.split(",") if q]:
             bits, include = int(spec[3]), ("lm_head",) if spec.endswith("+head") else ()

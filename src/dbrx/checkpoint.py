@@ -177,7 +177,7 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=
     if isinstance(model.lm_head, torch.nn.Linear):
         model.relayout_lm_head(column_major_head_is_faster(model.lm_head.weight))
     if device_map is not None:
-        dispatch(model, device_map)
+        dispatch(model)
     model.config.dtype = dtype_name(dtype)
     return model.eval()
 

@@ -17,6 +17,8 @@ available memory).
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -159,11 +161,19 @@ class Plan:
                 "transformer.norm_f": last, "lm_head": last}
 
 
+@functools.lru_cache(maxsize=8)
+def _shapes(config_json: str) -> tuple[tuple[str, torch.Size], ...]:
+    """(name, shape) of each tensor of a meta model of this config (built once: `dbrx info` plans many layouts)."""
+    from dbrx.model import DbrxForCausalLM
+
+    with torch.device("meta"):
+        model = DbrxForCausalLM(DbrxConfig.from_dict(json.loads(config_json)))
+    return tuple((name, p.shape) for name, p in model.state_dict().items())
+
+
 def module_bytes(config: DbrxConfig, dtype: torch.dtype, quant: str = "none", group_size: int = 128,
                  include: tuple[str, ...] = ()) -> tuple[int, list[int], int, int]:
     """(embedding bytes, each block's bytes, final norm + head bytes, expert bytes in all), from a meta model."""
-    from dbrx.model import DbrxForCausalLM
-
     if quant not in QUANTS:
         raise ValueError(f"quantisation {quant!r}: one of {', '.join(QUANTS)}")
     bad = [i for i in include if i not in INCLUDABLE]
@@ -173,12 +183,10 @@ def module_bytes(config: DbrxConfig, dtype: torch.dtype, quant: str = "none", gr
                             config.ffn_config.ffn_hidden_size % group_size):
         raise ValueError(f"--group-size {group_size} must divide d_model ({config.d_model}) and ffn_hidden_size "
                          f"({config.ffn_config.ffn_hidden_size})")
-    with torch.device("meta"):
-        model = DbrxForCausalLM(config)
     blocks = [0] * config.n_layers
     embedding = head = experts = 0
-    for name, p in model.state_dict().items():
-        size = tensor_bytes(name, p.shape, dtype, quant, group_size, include, config.num_experts)
+    for name, shape in _shapes(json.dumps(config.to_dict(), sort_keys=True)):
+        size = tensor_bytes(name, shape, dtype, quant, group_size, include, config.num_experts)
         if ".ffn.experts.mlp." in name:
             experts += size
         if name.startswith("transformer.blocks."):
@@ -284,8 +292,8 @@ def _to(x, device):
     return x
 
 
-def dispatch(model, device_map: dict[str, str]) -> None:
-    """Run a model whose modules sit on the devices of `device_map` (placed already, e.g. by loading): each block,
+def dispatch(model) -> None:
+    """Run a model whose modules sit on several devices (placed already, e.g. by loading a device_map): each block,
     the final norm and the head get their inputs moved to their own device at their boundary, and the head's
     output (the logits) goes back to the embedding's device, where the caller's inputs live. Nothing moves when
     everything is on one device. The model file is unchanged: this is applied from outside."""
