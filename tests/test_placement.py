@@ -93,7 +93,7 @@ def test_dbrx_info_devices_prints_the_plan_and_json_has_a_boolean_fits():
     assert r.returncode == 0 and "  fits:" in r.stdout
     for args, said in ((["--quant", "int8"], "give --devices too"),
                        (["--devices", "1xH200", "--max-model-len", "40000"], "between 1 and the model's max_seq_len"),
-                       (["--devices", "1xH200", "--quant", "int4", "--group-size", "100"], "must divide d_model"),
+                       (["--devices", "1xH200", "--quant", "int4", "--group-size", "0"], "must be positive"),
                        (["--devices", "1xH200", "--quant", "int8", "--include", "router"], "only attention, lm_head")):
         r = _info(*args)
         assert r.returncode == 2 and said in r.stderr, (args, r.stderr)
@@ -161,6 +161,50 @@ def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(ti
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"": "gpu7"})
     with pytest.raises(ValueError, match="places no module that holds 'lm_head.weight'"):
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"transformer": "cpu"})
+
+
+@pytest.mark.parametrize("bits, include", [(8, ("lm_head",)), (4, ())])
+def test_a_quantised_checkpoint_is_planned_loaded_and_spread_as_stored(tiny_dir, tmp_path, bits, include):
+    from dbrx import DbrxForCausalLM
+    from safetensors import safe_open
+
+    from dbrx.placement import stored_quant
+    from dbrx.quant import QuantConfig, write_quantized
+
+    out = tmp_path / "q"
+    write_quantized(tiny_dir, out, QuantConfig(bits, 128, include), log=lambda *_: None)
+    config = DbrxConfig.from_pretrained(out)
+    as_stored = 0
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            as_stored += sum(f.get_tensor(k).nbytes for k in f.keys())
+    # int4 groups: 128 along d_model, 96 along the expert width 192 (the quantiser's largest divisor below 128)
+    quantised = plan(config, parse_devices("cpu"), dtype=torch.float32, **stored_quant(config))
+    unquantised = plan(config, parse_devices("cpu"), dtype=torch.float32)
+    assert quantised.weight_bytes == as_stored < unquantised.weight_bytes * (0.3 if bits == 8 else 0.2)
+    # room for the weights as stored, not as they would be in fp32
+    room = {"cpu": (as_stored + unquantised.weight_bytes) // 2}
+    auto = DbrxForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="auto", max_memory=room)
+    one = DbrxForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, one(ids).logits, rtol=0, atol=0)
+    info = [sys.executable, "-m", "dbrx", "info", "--model", str(out), "--devices", "cpu", "--dtype", "float32"]
+    r = subprocess.run(info + ["--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert (facts["quant"], facts["weight_bytes"], facts["quantized"]) == (f"int{bits}", as_stored,
+                                                                          ["experts", *include])
+    r = subprocess.run(info + ["--quant", "int4"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already quantised" in r.stderr, r.stderr
+    # the CLI's --devices path (generate, chat, eval, serve) plans it the same way
+    from dbrx.cli import _load_model, build_parser
+
+    args = build_parser().parse_args(["generate", "--model", str(out), "--dtype", "float32", "--devices",
+                                      ",".join(_two_devices()), "x"])
+    spread = _load_model(args)
+    with torch.no_grad():
+        torch.testing.assert_close(spread(ids).logits.cpu(), one(ids).logits, rtol=0, atol=0)
 
 
 def test_generate_with_devices_spreads_the_model_and_prints_the_same_text(tmp_path):

@@ -186,7 +186,7 @@ def auto_device_map(config: DbrxConfig, dtype: torch.dtype, max_memory: dict | N
     """device_map="auto": blocks by dbrx.placement.plan over max_memory's devices (each size is what the model may
     use there), else every visible CUDA device, else the CPU; refused, naming the shortfall, when the weights do not
     fit."""
-    from dbrx.placement import RESERVE_BYTES, Device, parse_devices, plan
+    from dbrx.placement import RESERVE_BYTES, Device, parse_devices, plan, stored_quant
 
     if max_memory:
         devices = []
@@ -201,13 +201,17 @@ def auto_device_map(config: DbrxConfig, dtype: torch.dtype, max_memory: dict | N
         devices = parse_devices(",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
     else:
         devices = parse_devices("cpu")
-    p = plan(config, devices, min(config.max_seq_len, 4096), dtype)
+    p = plan(config, devices, min(config.max_seq_len, 4096), dtype, **stored_quant(config))
     if not p.weights_fit:
         worst = max(p.devices, key=lambda d: d.weight_bytes - d.device.usable_bytes)
-        raise ValueError(f"device_map=\"auto\": the weights ({p.weight_bytes / 2**30:.1f} GiB in {dtype_name(dtype)}) "
+        raise ValueError(f"device_map=\"auto\": the weights ({p.weight_bytes / 2**30:.1f} GiB in {_stored_as(p)}) "
                          f"do not fit: {worst.device.name} would need {worst.weight_bytes / 2**30:.1f} GiB, "
                          f"{worst.device.usable_bytes / 2**30:.1f} GiB usable; give more devices or max_memory")
     return p.device_map()
+
+
+def _stored_as(p) -> str:
+    return dtype_name(p.dtype) if p.quant == "none" else f"{p.quant} with the rest in {dtype_name(p.dtype)}"
 
 
 def parse_size(size: int | str) -> int:

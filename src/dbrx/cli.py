@@ -77,27 +77,33 @@ def _print_facts(name: str, config: DbrxConfig, facts: dict) -> None:
 
 def fit_facts(config: DbrxConfig, args) -> dict:
     """`dbrx info --devices`: the inference plan (dbrx.placement) and, where it does not fit, what would."""
-    from dbrx.placement import parse_devices, plan, suggestions
+    from dbrx.placement import parse_devices, plan, stored_quant, suggestions
 
     devices = parse_devices(args.devices)
     dtype = resolve_dtype(args.dtype or "bfloat16")
+    quant, group_size = args.quant, args.group_size
     include = tuple(i for i in (args.include or "").split(",") if i)
+    stored = stored_quant(config)
+    if stored["quant"] != "none":  # a `dbrx quantize` checkpoint is planned as it is stored
+        if quant != "none" or include or group_size != 128:
+            raise UserError(f"{args.model} is already quantised ({stored['quant']}, group {stored['group_size']}, "
+                            f"include {list(stored['include'])}): drop --quant, --include and --group-size")
+        quant, group_size, include = stored["quant"], stored["group_size"], stored["include"]
     max_len = config.max_seq_len if args.max_model_len is None else args.max_model_len
     if not 1 <= max_len <= config.max_seq_len:
         raise UserError(f"--max-model-len {max_len} must be between 1 and the model's max_seq_len "
                         f"{config.max_seq_len}")
-    p = plan(config, devices, max_len, dtype, args.quant, args.group_size, include)
+    p = plan(config, devices, max_len, dtype, quant, group_size, include)
     return {
         "fits": p.fits,
         "devices": [{"device": d.device.name, "memory_bytes": d.device.memory_bytes,
                      "usable_bytes": d.device.usable_bytes, "holds": d.parts, "weight_bytes": d.weight_bytes,
                      "kv_bytes_per_token": d.kv_bytes_per_token, "kv_tokens": d.kv_tokens()} for d in p.devices],
-        "quant": args.quant, "group_size": args.group_size if args.quant == "int4" else None,
-        "quantized": ["experts", *include] if args.quant != "none" else [], "dtype": dtype_name(dtype),
+        "quant": quant, "group_size": group_size if quant == "int4" else None,
+        "quantized": ["experts", *include] if quant != "none" else [], "dtype": dtype_name(dtype),
         "weight_bytes": p.weight_bytes, "expert_bytes": p.expert_bytes, "other_bytes": p.other_bytes,
         "kv_cache_bytes_per_token": p.kv_bytes_per_token, "max_model_len": max_len, "kv_tokens_fit": p.kv_tokens,
-        "suggestions": [] if p.fits else suggestions(config, devices, max_len, dtype, args.quant, args.group_size,
-                                                     include),
+        "suggestions": [] if p.fits else suggestions(config, devices, max_len, dtype, quant, group_size, include),
     }
 
 
@@ -196,7 +202,7 @@ def _load_model(args) -> DbrxForCausalLM:
     """Loads in --dtype: as stored (None), a named dtype, or `auto` (dbrx.perf.choose_inference_dtype: measured
     on this device, reported on stderr); with --devices, spread over them by dbrx.placement's plan."""
     from dbrx.perf import choose_inference_dtype
-    from dbrx.placement import parse_devices, plan
+    from dbrx.placement import parse_devices, plan, stored_quant
 
     header = read_header(args.model)
     devices = getattr(args, "devices", None)
@@ -207,11 +213,16 @@ def _load_model(args) -> DbrxForCausalLM:
     dtype = choose_inference_dtype(args.dtype, device, checkpoint_dtype(header), n_params,
                                    available_memory_bytes() if cpu and not spread else None,
                                    log=lambda msg: print(msg, file=sys.stderr))
-    if spread:
-        layout = plan(DbrxConfig.from_pretrained(args.model), spread, dtype=dtype)
+    if spread:  # planned as stored: a `dbrx quantize` checkpoint by its quantization_config
+        config = DbrxConfig.from_pretrained(args.model)
+        layout = plan(config, spread, dtype=dtype, **stored_quant(config))
         if not layout.weights_fit:
-            raise UserError(f"--devices {devices}: the weights ({layout.weight_bytes / GiB:.1f} GiB in "
-                            f"{dtype_name(dtype)}) do not fit; see dbrx info --model {args.model} --devices {devices}")
+            stored = dtype_name(dtype) if layout.quant == "none" else f"{layout.quant} + {dtype_name(dtype)}"
+            later = ("; --quant quantises after loading, so write a quantised checkpoint first: dbrx quantize "
+                     f"--model {args.model} --bits {getattr(args, 'quant', 'none')[3:]} --out QDIR"
+                     if getattr(args, "quant", "none") != "none" else "")
+            raise UserError(f"--devices {devices}: the weights ({layout.weight_bytes / GiB:.1f} GiB in {stored}) do "
+                            f"not fit; see dbrx info --model {args.model} --devices {devices}{later}")
         model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=layout.device_map())
     else:
         if cpu:

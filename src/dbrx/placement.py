@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbrx.config import DbrxConfig
-from dbrx.quant import INCLUDABLE
+from dbrx.quant import INCLUDABLE, int4_group
 
 GiB = 2**30
 RESERVE_BYTES = 2 * GiB
@@ -99,10 +99,11 @@ def tensor_bytes(name: str, shape: torch.Size, dtype: torch.dtype, quant: str = 
         return n * dtype.itemsize
     # output channels: rows of a [out, in] weight; the experts' w2 ([E*F, D], applied as h @ w2) is stored so that
     # its scales are per output channel too, D per expert
+    inputs = shape[0] // num_experts if name.endswith("mlp.w2") else shape[-1]
     if quant == "int8":
-        channels = n // (shape[0] // num_experts) if name.endswith("mlp.w2") else n // shape[-1]
-        return n + channels * dtype.itemsize
-    groups = -(-n // group_size)  # int4: a scale and a zero point per group along the input
+        return n + n // inputs * dtype.itemsize
+    # int4: a scale and a zero point per group along the input, in the group dbrx.quant takes for this input size
+    groups = n // int4_group(inputs, group_size)
     return -(-n // 2) + groups * 2 * dtype.itemsize
 
 
@@ -179,10 +180,8 @@ def module_bytes(config: DbrxConfig, dtype: torch.dtype, quant: str = "none", gr
     bad = [i for i in include if i not in INCLUDABLE]
     if bad:
         raise ValueError(f"--include {','.join(bad)}: only {', '.join(INCLUDABLE)} can be quantised besides experts")
-    if quant == "int4" and (group_size < 1 or config.d_model % group_size or
-                            config.ffn_config.ffn_hidden_size % group_size):
-        raise ValueError(f"--group-size {group_size} must divide d_model ({config.d_model}) and ffn_hidden_size "
-                         f"({config.ffn_config.ffn_hidden_size})")
+    if quant == "int4" and group_size < 1:
+        raise ValueError(f"--group-size must be positive, got {group_size}")
     blocks = [0] * config.n_layers
     embedding = head = experts = 0
     for name, shape in _shapes(json.dumps(config.to_dict(), sort_keys=True)):
@@ -196,6 +195,15 @@ def module_bytes(config: DbrxConfig, dtype: torch.dtype, quant: str = "none", gr
         else:
             head += size
     return embedding, blocks, head, experts
+
+
+def stored_quant(config: DbrxConfig) -> dict:
+    """plan()'s quant, group_size and include for a checkpoint as config.json describes it: what `dbrx quantize`
+    wrote (its quantization_config), else none."""
+    q = config.quantization_config
+    if q is None:
+        return {"quant": "none"}
+    return {"quant": f"int{q['bits']}", "group_size": q["group_size"], "include": tuple(q.get("include", ()))}
 
 
 def plan(config: DbrxConfig, devices: list[Device], max_model_len: int | None = None,

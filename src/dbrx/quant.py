@@ -29,6 +29,12 @@ INCLUDABLE = ("attention", "lm_head")
 _KERNEL: dict[tuple, str] = {}
 
 
+def int4_group(input_size: int, group_size: int) -> int:
+    """The int4 group a matrix with this input size is quantised with: group_size where it divides the input,
+    else its largest divisor below group_size (dbrx.placement counts the scales by the same rule)."""
+    return max(d for d in range(1, min(group_size, input_size) + 1) if input_size % d == 0)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int
@@ -116,7 +122,7 @@ class QuantWeights(nn.Module):
     @classmethod
     def quantized(cls, w_EOI: torch.Tensor, config: QuantConfig, kernel: str | None = None) -> "QuantWeights":
         # int4 groups run along the input; where group_size does not divide it, the largest divisor below it
-        group = max(d for d in range(1, config.group_size + 1) if w_EOI.shape[-1] % d == 0)
+        group = int4_group(w_EOI.shape[-1], config.group_size)
         if config.bits == 8:
             codes, scales = quantize_int8(w_EOI)
         else:
