@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_SPECS, hf_reference
 from dbrx import DbrxForCausalLM, KVCache
-from dbrx.generate import decode_one_token, generate, prefill, sample
+from dbrx.generate import decode_one_token, generate, greedy, prefill, sample
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,25 @@ def test_sampling_is_seeded_and_controls_apply(pair):
     assert draws == {1}
     draws = {sample(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(50)}
     assert draws == {1, 2}
+
+
+@pytest.mark.parametrize("vocab", [100352, 100353, 9000, 300])
+def test_greedy_picks_what_argmax_picks_ties_and_nan_included(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    for dtype in (torch.float32, torch.bfloat16):
+        for trial in range(6):
+            logits = torch.randn(3, vocab, generator=g).to(dtype)
+            if trial == 1:
+                logits = logits.round()  # equal maxima in several chunks: the first one counts
+            if trial == 2:
+                logits[:, -1] = 100  # the maximum in the last, shorter chunk
+            if trial == 3:
+                logits[0, 5], logits[1, -2] = float("nan"), float("nan")
+            if trial == 4:
+                logits[:] = float("-inf")
+            if trial == 5:
+                logits = logits.t().contiguous().t()  # not contiguous
+            assert torch.equal(greedy(logits), logits.argmax(-1)), (dtype, trial)
 
 
 def test_stop_tokens_end_a_row(pair):

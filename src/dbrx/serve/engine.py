@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dbrx.generate import sample
+from dbrx.generate import greedy, sample
 from dbrx.model import DbrxForCausalLM, causal_mask
 from dbrx.placement import layer_devices
 
@@ -226,8 +226,8 @@ class Engine:
         for r, chunk in chunks:
             r.cached += len(chunk)
         sampled = decoding + [r for r, _ in chunks if r.cached == len(r.prompt)]
-        greedy = logits_RV.argmax(dim=-1).tolist()  # every greedy row's token in one call
-        for r, logits_V, token in zip(sampled, logits_RV, greedy):
+        tokens = greedy(logits_RV).tolist()  # every greedy row's token in one call
+        for r, logits_V, token in zip(sampled, logits_RV, tokens):
             self._sample(r, logits_V, outputs, token if r.params.temperature <= 0 else None)
         self._size_chunk(len(decoding), sum(len(c) for _, c in chunks), self.clock() - started)
         return list(outputs.values())
