@@ -2,10 +2,10 @@
 machine's memory-bandwidth ceiling (active weight bytes per token / bandwidth of a large matrix-vector product).
 
     .venv/bin/python bench/generate.py [--new-tokens 128] [--dtypes float32,bfloat16,auto] [--device cpu]
-        [--quant int8,int4,int8+head,int4+head]
+        [--quant int8,int4,int8+head,int4+head+attention]
 
-With --quant, each weight-only quantisation (dbrx.quant: the experts, `+head` the output head too) is measured the
-same way on the fp32 checkpoint, against its own ceiling (the bytes a step reads as stored) and against the best
+With --quant, each weight-only quantisation (dbrx.quant: the experts; `+head`, `+attention` those too) is measured
+the same way on the fp32 checkpoint, against its own ceiling (the bytes a step reads as stored) and against the best
 unquantised decode of the run. With --compile, each is measured again after dbrx.kernels.compile_decode (compiled
 one-row kernels where they measured faster), as `<name>+compiled`.
 """
@@ -80,7 +80,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (ours and the ceiling only)")
-    ap.add_argument("--quant", default="", help="also measure these: int8, int4, int8+head, int4+head")
+    ap.add_argument("--quant", default="", help="also measure these: int8, int4, each with +head and/or "
+                    "+attention (also quantised)")
     ap.add_argument("--compile", action="store_true", help="also measure each with dbrx.kernels.compile_decode")
     args = ap.parse_args()
     import transformers
@@ -130,7 +131,10 @@ def main() -> None:
                     lambda f=hf_generate: (n - 1) / (once(lambda: f(n)) - once(lambda: f(1))),
                     active_weight_bytes(ours, dtype), f"greedy tokens identical to ours: {same}")
         for spec in [q for q in args.quant.split(",") if q]:
-            bits, include = int(spec[3]), ("lm_head",) if spec.endswith("+head") else ()
+            bits, parts = int(spec[3]), spec.split("+")[1:]
+            if spec[:4] not in ("int8", "int4") or any(p not in ("head", "attention") for p in parts):
+                raise SystemExit(f"--quant {spec}: int8 or int4, then +head and/or +attention")
+            include = tuple("lm_head" if p == "head" else p for p in parts)
             for compiled in (False, True) if args.compile else (False,):
                 model = DbrxForCausalLM.from_pretrained(tmp, dtype=torch.float32, device=args.device)
                 size = quantized_active_bytes(model, bits, include)
