@@ -195,6 +195,10 @@ def test_a_quantised_checkpoint_is_planned_loaded_and_spread_as_stored(tiny_dir,
     facts = json.loads(r.stdout)
     assert (facts["quant"], facts["weight_bytes"], facts["quantized"]) == (f"int{bits}", as_stored,
                                                                           ["experts", *include])
+    r = subprocess.run([*info[:6], "--json"], capture_output=True, text=True, timeout=120)  # without --devices
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["quantization"]["quant"] == f"int{bits}" and facts["weight_bytes"]["float32"] == as_stored
     r = subprocess.run(info + ["--quant", "int4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already quantised" in r.stderr, r.stderr
     # the CLI's --devices path (generate, chat, eval, serve) plans it the same way

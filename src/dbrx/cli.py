@@ -37,22 +37,36 @@ class UserError(Exception):
 
 # ---- info ------------------------------------------------------------------------------------------------------
 def model_facts(config: DbrxConfig, stored_dtype: str | None = None) -> dict:
-    """Parameter counts and byte sizes, from a model built on the meta device (no memory is allocated)."""
+    """Parameter counts and byte sizes, from a model built on the meta device (no memory is allocated). A `dbrx
+    quantize` checkpoint's weights are counted as stored: its quantised matrices with their scales, the rest in each
+    dtype."""
+    from dbrx.placement import module_bytes, stored_quant
+
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = DbrxForCausalLM(config)
     total, active = model.num_parameters(), model.num_parameters(active=True)
     memory = available_memory_bytes()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    quant = stored_quant(config)
+
+    def weight_bytes(dtype: torch.dtype) -> int:
+        if quant["quant"] == "none":
+            return total * dtype.itemsize
+        embedding, blocks, head, _ = module_bytes(config, dtype, **quant)
+        return embedding + sum(blocks) + head
+
+    weights = {name: weight_bytes(dt) for name, dt in dtypes.items()}
     facts = {
         "total_parameters": total,
         "active_parameters": active,
         "experts": config.num_experts,
         "experts_per_token": config.top_k,
-        "weight_bytes": {name: total * dt.itemsize for name, dt in dtypes.items()},
+        "quantization": None if quant["quant"] == "none" else {**quant, "include": list(quant["include"])},
+        "weight_bytes": weights,
         "kv_cache_bytes_per_token": {name: KVCache.bytes_per_token(config, dt) for name, dt in dtypes.items()},
         "available_memory_bytes": memory,
-        "fits_in_memory": {name: total * dt.itemsize < memory for name, dt in dtypes.items()},
+        "fits_in_memory": {name: weights[name] < memory for name in dtypes},
         "stored_dtype": stored_dtype or config.dtype,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -66,6 +80,11 @@ def _print_facts(name: str, config: DbrxConfig, facts: dict) -> None:
     print(f"  parameters: {facts['total_parameters']:,} total, {facts['active_parameters']:,} active per token")
     if facts["stored_dtype"]:
         print(f"  stored dtype: {facts['stored_dtype']}")
+    if facts["quantization"]:
+        q = facts["quantization"]
+        print(f"  quantised: experts{''.join(', ' + i for i in q['include'])} {q['quant']}"
+              + (f" (group {q['group_size']})" if q["quant"] == "int4" else "") + "; weights below as stored, the "
+              "rest in each dtype")
     mem = facts["available_memory_bytes"]
     for dt, nbytes in facts["weight_bytes"].items():
         fits = "fits" if facts["fits_in_memory"][dt] else "does NOT fit"
