@@ -164,7 +164,8 @@ def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(ti
 
 
 @pytest.mark.parametrize("bits, include", [(8, ("lm_head",)), (4, ())])
-def test_a_quantised_checkpoint_is_planned_loaded_and_spread_as_stored(tiny_dir, tmp_path, bits, include):
+def test_a_quantised_checkpoint_is_planned_loaded_and_spread_as_stored(tiny_dir, tmp_path, monkeypatch, bits,
+                                                                      include):
     from dbrx import DbrxForCausalLM
     from safetensors import safe_open
 
@@ -201,8 +202,15 @@ def test_a_quantised_checkpoint_is_planned_loaded_and_spread_as_stored(tiny_dir,
     assert facts["quantization"]["quant"] == f"int{bits}" and facts["weight_bytes"]["float32"] == as_stored
     r = subprocess.run(info + ["--quant", "int4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already quantised" in r.stderr, r.stderr
-    # the CLI's --devices path (generate, chat, eval, serve) plans it the same way
+    # the CLI's --devices path (generate, chat, eval, serve) plans it the same way, and on one device its memory
+    # check counts the codes as stored (a byte each, not a --dtype word each)
     from dbrx.cli import _load_model, build_parser
+
+    monkeypatch.setattr("dbrx.cli.available_memory_bytes", lambda: int(as_stored * 1.2))
+    alone = _load_model(build_parser().parse_args(["generate", "--model", str(out), "--dtype", "float32", "x"]))
+    with torch.no_grad():
+        torch.testing.assert_close(alone(ids).logits, one(ids).logits, rtol=0, atol=0)
+    monkeypatch.undo()
 
     args = build_parser().parse_args(["generate", "--model", str(out), "--dtype", "float32", "--devices",
                                       ",".join(_two_devices()), "x"])

@@ -228,9 +228,11 @@ def _load_model(args) -> DbrxForCausalLM:
     spread = parse_devices(devices) if devices else None
     device = args.device if not spread else "cpu" if spread[0].name == "cpu" else "cuda"
     cpu = torch.device(device).type == "cpu"
-    n_params = sum(int(torch.Size(shape).numel()) for shape, _, _ in header.values())
-    dtype = choose_inference_dtype(args.dtype, device, checkpoint_dtype(header), n_params,
-                                   available_memory_bytes() if cpu and not spread else None,
+    # float weights take --dtype; a `dbrx quantize` checkpoint's int8 codes and packed int4 stay a byte each
+    n_params = sum(torch.Size(shape).numel() for shape, dt, _ in header.values() if dt is not None)
+    code_bytes = sum(torch.Size(shape).numel() for shape, dt, _ in header.values() if dt is None)
+    memory = available_memory_bytes() - code_bytes if cpu and not spread else None
+    dtype = choose_inference_dtype(args.dtype, device, checkpoint_dtype(header), n_params, memory,
                                    log=lambda msg: print(msg, file=sys.stderr))
     if spread:  # planned as stored: a `dbrx quantize` checkpoint by its quantization_config
         config = DbrxConfig.from_pretrained(args.model)
@@ -245,7 +247,7 @@ def _load_model(args) -> DbrxForCausalLM:
         model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=layout.device_map())
     else:
         if cpu:
-            _refuse_if_too_big(n_params * dtype.itemsize, f"the model in {args.model}")
+            _refuse_if_too_big(n_params * dtype.itemsize + code_bytes, f"the model in {args.model}")
         model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
     quant = getattr(args, "quant", "none")
     if quant != "none" and model.config.quantization_config is not None:
