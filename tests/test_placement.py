@@ -91,6 +91,12 @@ def test_dbrx_info_devices_prints_the_plan_and_json_has_a_boolean_fits():
     assert "would fit: --quant int8 on these devices" in r.stdout and "--devices 2xH200" in r.stdout
     r = _info("--devices", "1x80GB", "--quant", "int4", "--max-model-len", "8192")
     assert r.returncode == 0 and "  fits:" in r.stdout
+    # a group size that divides neither input size: planned as the quantiser takes it (groups of 96 here)
+    r = _info("--devices", "1xH200", "--quant", "int4", "--group-size", "100")
+    assert r.returncode == 0 and "(group 100; 96 along d_model, 96 along ffn_hidden_size)" in r.stdout
+    w1 = torch.Size([16 * 10752, 6144])
+    assert tensor_bytes("transformer.blocks.0.ffn.experts.mlp.w1", w1, torch.bfloat16, "int4", 100, (), 16) == \
+        w1.numel() // 2 + w1.numel() // 96 * 2 * 2
     for args, said in ((["--quant", "int8"], "give --devices too"),
                        (["--devices", "1xH200", "--max-model-len", "40000"], "between 1 and the model's max_seq_len"),
                        (["--devices", "1xH200", "--quant", "int4", "--group-size", "0"], "must be positive"),

@@ -97,6 +97,7 @@ def _print_facts(name: str, config: DbrxConfig, facts: dict) -> None:
 def fit_facts(config: DbrxConfig, args) -> dict:
     """`dbrx info --devices`: the inference plan (dbrx.placement) and, where it does not fit, what would."""
     from dbrx.placement import parse_devices, plan, stored_quant, suggestions
+    from dbrx.quant import int4_group
 
     devices = parse_devices(args.devices)
     dtype = resolve_dtype(args.dtype or "bfloat16")
@@ -119,6 +120,9 @@ def fit_facts(config: DbrxConfig, args) -> dict:
                      "usable_bytes": d.device.usable_bytes, "holds": d.parts, "weight_bytes": d.weight_bytes,
                      "kv_bytes_per_token": d.kv_bytes_per_token, "kv_tokens": d.kv_tokens()} for d in p.devices],
         "quant": quant, "group_size": group_size if quant == "int4" else None,
+        # int4 groups as quantised: group_size, or the largest divisor below it of each input size
+        "groups": {"d_model": int4_group(config.d_model, group_size), "ffn_hidden_size":
+                   int4_group(config.ffn_config.ffn_hidden_size, group_size)} if quant == "int4" else None,
         "quantized": ["experts", *include] if quant != "none" else [], "dtype": dtype_name(dtype),
         "weight_bytes": p.weight_bytes, "expert_bytes": p.expert_bytes, "other_bytes": p.other_bytes,
         "kv_cache_bytes_per_token": p.kv_bytes_per_token, "max_model_len": max_len, "kv_tokens_fit": p.kv_tokens,
@@ -126,9 +130,16 @@ def fit_facts(config: DbrxConfig, args) -> dict:
     }
 
 
+def _group_note(fit: dict) -> str:
+    """Where --group-size does not divide an input size, the groups the quantiser takes there."""
+    taken = {f"{g} along {size}" for size, g in fit["groups"].items() if g != fit["group_size"]}
+    return f"; {', '.join(sorted(taken))}" if taken else ""
+
+
 def _print_fit(name: str, spec: str, fit: dict) -> None:
     quant = ("experts" + "".join(f", {i}" for i in fit["quantized"][1:]) + f" {fit['quant']}"
-             + (f" (group {fit['group_size']})" if fit["group_size"] else "") + f", the rest {fit['dtype']}"
+             + (f" (group {fit['group_size']}{_group_note(fit)})" if fit["group_size"] else "")
+             + f", the rest {fit['dtype']}"
              if fit["quant"] != "none" else fit["dtype"])
     print(f"{name} on {spec}: {quant}, context {fit['max_model_len']:,} tokens")
     print(f"  weights {fit['weight_bytes'] / GiB:.1f} GiB (experts {fit['expert_bytes'] / GiB:.1f}, the rest "
