@@ -443,20 +443,46 @@ def cmd_eval(args) -> None:
         print(f"results: {args.out / 'results.json'}, per example: {args.out / 'examples.jsonl'}")
 
 
-def cmd_train(args) -> None:
-    import subprocess
+def _launch_ranks(nproc: int, python_args: list[str]) -> None:
+    """`torchrun --standalone --nproc_per_node N` on this host, run through torch's launcher in this process: each
+    rank prints its own errors, and a failure ends here with the ranks' exit code (2: a mistake in the run's
+    configuration, which every rank reported) instead of the launcher's traceback on top."""
+    import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    launcher_logs = [logging.getLogger(name) for name in ("torch.distributed.run", "torch.distributed.elastic")]
+    levels = [log.level for log in launcher_logs]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it: the ranks share this host's cores
+    try:
+        for log in launcher_logs:
+            log.setLevel(logging.CRITICAL)
+        run(parse_args(["--standalone", "--nproc_per_node", str(nproc), *python_args]))
+    except ChildFailedError as e:
+        codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
+        # ranks that ended by themselves; the launcher stops the others with a signal (a negative code)
+        own = {code for code in codes.values() if code > 0}
+        if own == {2}:  # a mistake in the configuration, which the ranks have reported
+            raise SystemExit(2) from None
+        print(f"dbrx {python_args[2]}: " + "; ".join(f"rank {rank} exited with code {code}"
+                                                    for rank, code in codes.items()), file=sys.stderr)
+        raise SystemExit(1) from None
+    except SignalException as e:  # Ctrl-C or a kill: the launcher has stopped the ranks
+        raise SystemExit(128 + int(e.sigval)) from None
+    finally:
+        for log, level in zip(launcher_logs, levels):
+            log.setLevel(level)
+
+
+def cmd_train(args) -> None:
     from dbrx.parallel import init_distributed
     from dbrx.train.config import load_config
     from dbrx.train.trainer import Trainer
 
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # A convenience for torchrun on this host: the same verb, N processes (gloo on CPU, nccl on CUDA).
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                   str(args.nproc), "-m", "dbrx", "train", str(args.config), *args.overrides]
-        code = subprocess.call(command)
-        if code:
-            raise SystemExit(code)
+        _launch_ranks(args.nproc, ["-m", "dbrx", "train", str(args.config), *args.overrides])
         return
     cfg = load_config(args.config, args.overrides)
     dist = init_distributed(cfg["device"], cfg.get("dist_timeout"))
