@@ -104,11 +104,22 @@ def test_fsdp2_and_ep_match_one_process_and_the_per_rank_balance_would_not(data,
 
 
 def test_dbrx_train_nproc_2_runs_a_yaml(data, tmp_path):
-    # bf16 gathers with fp32 reduction, gradient accumulation over 2 micro-batches per rank
+    # bf16 gathers with fp32 reduction, gradient accumulation over 2 micro-batches per rank; Foundry's icl_tasks
+    # (multiple choice and generation) at each evaluation, every rank running the same forwards of the sharded model
     fsdp = {"mixed_precision": "DEFAULT", "activation_checkpointing": True}
-    cfg = write_yaml(tmp_path / "run.yaml", run_config(data, tmp_path, save_folder=None, max_duration="4ba",
-                                                       eval_interval="2ba", device_train_microbatch_size=2,
-                                                       fsdp_config=fsdp))
+    rows = [{"query": f"Item {i}: pick one.", "choices": ["red", "green blue"], "gold": i % 2} for i in range(6)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{"context": f"Q: {i} plus one?\nA:", "answer": str(i + 1), "aliases": [str(i + 1)]} for i in range(5)]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = [{"label": "colors", "dataset_uri": str(tmp_path / "mc.jsonl"), "icl_task_type": "multiple_choice",
+              "num_fewshot": [0]},
+             {"label": "plus", "dataset_uri": str(tmp_path / "gen.jsonl"), "num_fewshot": [1],
+              "icl_task_type": "generation_task_with_answers", "early_stopping_criteria": ["\n"]}]
+    model = dict(run_config(data, tmp_path)["model"], vocab_size=100352)  # the eval prompts are cl100k text
+    save = tmp_path / "run"
+    run = run_config(data, save, max_duration="4ba", eval_interval="2ba", save_interval="4ba",
+                     device_train_microbatch_size=2, fsdp_config=fsdp, model=model, icl_tasks=tasks)
+    cfg = write_yaml(tmp_path / "run.yaml", run)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "dbrx", "train", str(cfg), "--nproc", "2"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
@@ -116,6 +127,16 @@ def test_dbrx_train_nproc_2_runs_a_yaml(data, tmp_path):
     assert done.stdout.count("done: 4 steps") == 1  # printed by rank 0 only
     assert "2 processes (gloo): FSDP2 over 2 ranks" in done.stdout
     assert "held-out loss" in done.stdout
+    logged = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    icl = [r for r in logged if "metrics/plus/1-shot/InContextLearningGenerationExactMatchAccuracy" in r]
+    assert [r["step"] for r in icl] == [2, 4]  # once per evaluation: rank 0 writes
+    assert all(0 <= r["metrics/colors/0-shot/InContextLearningMultipleChoiceAccuracy"] <= 1 for r in icl)
+    # a mistake in the run's configuration: each rank says what it is, and the launcher adds no traceback
+    bad = write_yaml(tmp_path / "bad.yaml", dict(run, icl_tasks=[dict(tasks[0], num_fewshots=[0])]))
+    done = subprocess.run([sys.executable, "-m", "dbrx", "train", str(bad), "--nproc", "2"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert "unknown key 'num_fewshots'" in done.stderr and "Traceback" not in done.stderr, done.stderr[-4000:]
 
 
 def test_parallel_keys_are_checked_and_named():

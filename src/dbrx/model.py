@@ -116,10 +116,13 @@ class DbrxAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.d_model))
 
     def sdpa(self, q_BHTd, k_BGSd, v_BGSd, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """Scaled dot-product attention with grouped kv heads, in `sdpa_dtype` when set; [B, H, T, hd] in q's dtype."""
+        """Scaled dot-product attention with grouped kv heads, in `sdpa_dtype` when set, else in q's dtype (keys and
+        values from a cache kept in another dtype, e.g. fp32 under FSDP's bf16 mixed precision, are cast to it);
+        [B, H, T, hd] in q's dtype."""
         dtype = q_BHTd.dtype
-        if self.sdpa_dtype is not None and self.sdpa_dtype != dtype:
-            q_BHTd, k_BGSd, v_BGSd = (t.to(self.sdpa_dtype) for t in (q_BHTd, k_BGSd, v_BGSd))
+        compute = self.sdpa_dtype or dtype
+        if any(t.dtype != compute for t in (q_BHTd, k_BGSd, v_BGSd)):
+            q_BHTd, k_BGSd, v_BGSd = (t.to(compute) for t in (q_BHTd, k_BGSd, v_BGSd))
         return F.scaled_dot_product_attention(
             q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, is_causal=causal,
             dropout_p=self.attn_pdrop if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads,
