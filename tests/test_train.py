@@ -61,6 +61,17 @@ def run_config(data_root: Path, save: Path, **extra) -> dict:
 
 
 # ---- config ---------------------------------------------------------------------------------------------------
+def test_training_from_a_quantised_checkpoint_is_refused_before_it_starts(data, tmp_path):
+    from dbrx.quant import QuantConfig, write_quantized
+    from dbrx.train.trainer import model_config
+
+    DbrxForCausalLM(model_config(TINY_MODEL)).save_pretrained(tmp_path / "fp32")
+    write_quantized(tmp_path / "fp32", tmp_path / "int8", QuantConfig(8), log=lambda *_: None)
+    cfg = run_config(data, tmp_path / "run", model={"pretrained": str(tmp_path / "int8")})
+    with pytest.raises(ConfigError, match=r"model.pretrained: .*int8 holds weights quantised to int8 by dbrx quantize"):
+        Trainer(load_config(None, base=cfg), log=lambda *_: None)
+
+
 def test_config_errors_name_the_key(tmp_path, data):
     base = run_config(data, tmp_path / "run")
     del base["precision"]

@@ -81,9 +81,15 @@ def model_config(model_cfg: dict) -> DbrxConfig:
             raise ConfigError("model.pretrained loads a checkpoint as it is; drop the other model keys "
                               f"({', '.join(sorted(model_cfg) + (['preset'] if preset else []))})")
         try:
-            return DbrxConfig.from_pretrained(pretrained)
+            config = DbrxConfig.from_pretrained(pretrained)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"model.pretrained: {e}") from None
+        q = config.quantization_config
+        if q is not None:
+            raise ConfigError(f"model.pretrained: {pretrained} holds weights quantised to int{q['bits']} by dbrx "
+                              "quantize, which are for inference; train or fine-tune (LoRA included) from the "
+                              "unquantised checkpoint it was made from")
+        return config
     try:
         return (DbrxConfig.from_name(preset) if preset else DbrxConfig()).replace(**model_cfg)
     except (ValueError, TypeError) as e:
