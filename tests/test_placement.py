@@ -218,11 +218,12 @@ def test_a_quantised_checkpoint_is_planned_loaded_and_spread_as_stored(tiny_dir,
         torch.testing.assert_close(alone(ids).logits, one(ids).logits, rtol=0, atol=0)
     monkeypatch.undo()
 
+    d0 = _two_devices()[0]
     args = build_parser().parse_args(["generate", "--model", str(out), "--dtype", "float32", "--devices",
                                       ",".join(_two_devices()), "x"])
-    spread = _load_model(args)
+    spread, here = _load_model(args), DbrxForCausalLM.from_pretrained(out, dtype=torch.float32, device=d0)
     with torch.no_grad():
-        torch.testing.assert_close(spread(ids).logits.cpu(), one(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(spread(ids.to(d0)).logits, here(ids.to(d0)).logits, rtol=0, atol=0)
 
 
 def test_generate_with_devices_spreads_the_model_and_prints_the_same_text(tmp_path):
