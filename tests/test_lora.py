@@ -199,7 +199,11 @@ def test_merge_lora_cli_writes_a_checkpoint_transformers_loads(tmp_path, capsys)
                                       str(tmp_path / "o1"))
     assert "no adapter_config.json" in fails("merge-lora", str(base_dir), str(base_dir), "--out",
                                              str(tmp_path / "o2"))
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    from dbrx.quant import QuantConfig, write_quantized
+
+    write_quantized(base_dir, tmp_path / "int8", QuantConfig(8), log=lambda *_: None)  # adapters need float weights
+    assert "quantised" in fails("merge-lora", str(tmp_path / "int8"), str(adapter_dir), "--out", str(tmp_path / "o3"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 @pytest.mark.parametrize("values, message", [

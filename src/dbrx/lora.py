@@ -226,11 +226,21 @@ def has_lora(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def _refuse_quantised(model: nn.Module) -> None:
+    from dbrx.quant import QuantExperts, QuantLinear
+
+    if any(isinstance(m, (QuantExperts, QuantLinear)) for m in model.modules()):
+        raise ValueError("this model's weights are quantised (dbrx.quant, for inference): LoRA adapts and merges into "
+                         "the unquantised weights; load the checkpoint it was quantised from, and quantise after "
+                         "merging")
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None) -> nn.Module:
     """Freeze every base parameter and attach trainable adapters where cfg.target_modules says (in place; the
     model is returned for chaining). Adapters take the dtype and device of the weights they adapt. A's initial
     values come from `generator` (a CPU generator; torch's global one by default), drawn in
     adapter_parameters() order."""
+    _refuse_quantised(model)
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge_lora() it before applying new ones")
     for p in model.parameters():
@@ -324,6 +334,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---- adapter files ---------------------------------------------------------------------------------------------
 def adapter_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int, ...]]:
     """The tensors (peft names -> shapes) that apply_lora(model, cfg) creates, computed without touching it."""
+    _refuse_quantised(model)
     out = {}
     for path, attn in _attentions(model):
         for name in ATTENTION_TARGETS:
