@@ -153,7 +153,7 @@ def test_a_model_spread_over_two_devices_gives_the_same_logits_tokens_and_served
     assert got_tokens == {"a": generate(one, prompt, 12), "b": generate(one, ids[1, :5].tolist(), 6)}
 
 
-def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(tiny_dir):
+def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(tiny_dir, capsys):
     from dbrx import DbrxForCausalLM
 
     auto = DbrxForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, device_map="auto",
@@ -167,6 +167,19 @@ def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(ti
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"": "gpu7"})
     with pytest.raises(ValueError, match="places no module that holds 'lm_head.weight'"):
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"transformer": "cpu"})
+    # a GPU that is not there is named before anything is read (torch would assert in the middle of the load)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = f"cuda:{gpus}"
+    said = "no CUDA device here" if gpus == 0 else f"this machine has {gpus} CUDA device"
+    for where in ({"device": missing}, {"device_map": {"": missing}},
+                  {"device_map": "auto", "max_memory": {gpus: "1GiB"}}):
+        with pytest.raises(ValueError, match=said):
+            DbrxForCausalLM.from_pretrained(tiny_dir, **where)
+    from dbrx import cli
+
+    assert cli.main(["generate", "--model", str(tiny_dir), "--device", missing, "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dbrx generate: error: --device '{missing}': {said}") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("bits, include", [(8, ("lm_head",)), (4, ())])

@@ -132,9 +132,11 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=
     stays about one tensor above what is loaded there, and dbrx.placement.dispatch moves activations between
     devices at block boundaries. "auto" plans from config.json alone (dbrx.placement.plan) over `max_memory`
     ({device or CUDA index: bytes or "70GiB"}), else every visible CUDA device, else the CPU."""
-    from dbrx.placement import check_device_map, device_for, dispatch
+    from dbrx.placement import check_device_map, device_for, dispatch, present
 
     path = Path(path)
+    if device_map is None:
+        present(device)
     config = DbrxConfig.from_pretrained(path)
     header = read_header(path)
     dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or resolve_dtype(config.dtype) or torch.float32
@@ -186,7 +188,7 @@ def auto_device_map(config: DbrxConfig, dtype: torch.dtype, max_memory: dict | N
     """device_map="auto": blocks by dbrx.placement.plan over max_memory's devices (each size is what the model may
     use there), else every visible CUDA device, else the CPU; refused, naming the shortfall, when the weights do not
     fit."""
-    from dbrx.placement import RESERVE_BYTES, Device, parse_devices, plan, stored_quant
+    from dbrx.placement import RESERVE_BYTES, Device, parse_devices, plan, present, stored_quant
 
     if max_memory:
         devices = []
@@ -196,6 +198,7 @@ def auto_device_map(config: DbrxConfig, dtype: torch.dtype, max_memory: dict | N
                 torch.device(name)
             except RuntimeError:
                 raise ValueError(f"max_memory key {key!r} is not a device (cpu, cuda:0 or a CUDA index)") from None
+            present(name, "max_memory key")
             devices.append(Device(name, parse_size(size) + RESERVE_BYTES))
     elif torch.cuda.is_available():
         devices = parse_devices(",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))

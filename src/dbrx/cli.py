@@ -232,12 +232,13 @@ def _load_model(args) -> DbrxForCausalLM:
     """Loads in --dtype: as stored (None), a named dtype, or `auto` (dbrx.perf.choose_inference_dtype: measured
     on this device, reported on stderr); with --devices, spread over them by dbrx.placement's plan."""
     from dbrx.perf import choose_inference_dtype
-    from dbrx.placement import parse_devices, plan, stored_quant
+    from dbrx.placement import parse_devices, plan, present, stored_quant
 
     header = read_header(args.model)
     devices = getattr(args, "devices", None)
     spread = parse_devices(devices) if devices else None
     device = args.device if not spread else "cpu" if spread[0].name == "cpu" else "cuda"
+    present(device, "--device")
     cpu = torch.device(device).type == "cpu"
     # float weights take --dtype; a `dbrx quantize` checkpoint's int8 codes and packed int4 stay a byte each
     n_params = sum(torch.Size(shape).numel() for shape, dt, _ in header.values() if dt is not None)

@@ -290,6 +290,21 @@ def check_device_map(model: torch.nn.Module, device_map: dict[str, str]) -> None
             torch.device(device)
         except RuntimeError:
             raise ValueError(f"device_map[{prefix!r}] = {device!r} is not a torch device (cpu, cuda:0, ...)") from None
+        present(device, f"device_map[{prefix!r}]")
+
+
+def present(device, what: str = "device") -> torch.device:
+    """`device` as a torch.device, where it exists on this machine: a CUDA device needs a CUDA build of torch and
+    that many visible GPUs (otherwise torch fails later, in the middle of a load, with an assertion)."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise ValueError(f"{what} {str(device)!r}: no CUDA device here (torch {torch.__version__}, {build})")
+        if (d.index or 0) >= n:
+            raise ValueError(f"{what} {str(device)!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return d
 
 
 def _to(x, device):
