@@ -161,6 +161,13 @@ def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(ti
     assert {str(p.device) for p in auto.parameters()} == {"cpu"}
     with pytest.raises(ValueError, match="do not fit: cpu would need"):
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map="auto", max_memory={"cpu": 1000})
+    # transformers' spellings: one device as the map, "balanced" for auto, dtype="auto" for as stored
+    one = DbrxForCausalLM.from_pretrained(tiny_dir, dtype="auto", device_map="cpu")
+    assert one.transformer.wte.weight.dtype == torch.float32 and {str(p.device) for p in one.parameters()} == {"cpu"}
+    assert {str(p.device) for p in DbrxForCausalLM.from_pretrained(tiny_dir, device_map="balanced").parameters()} \
+        == {"cpu"}
+    with pytest.raises(ValueError, match="device_map='sequential': dbrx places blocks in proportion"):
+        DbrxForCausalLM.from_pretrained(tiny_dir, device_map="sequential")
     with pytest.raises(ValueError, match="'transformer.block.1' is not a module"):
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map={"": "cpu", "transformer.block.1": "cpu"})
     with pytest.raises(ValueError, match="is not a torch device"):

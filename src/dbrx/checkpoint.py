@@ -130,22 +130,30 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=
     """The model on `device`, or with `device_map` ("auto", or module name -> device, as transformers takes it) its
     blocks on several devices: each tensor is read and sent to its module's device one at a time, so host memory
     stays about one tensor above what is loaded there, and dbrx.placement.dispatch moves activations between
-    devices at block boundaries. "auto" plans from config.json alone (dbrx.placement.plan) over `max_memory`
-    ({device or CUDA index: bytes or "70GiB"}), else every visible CUDA device, else the CPU."""
+    devices at block boundaries. "auto" (or "balanced") plans from config.json alone (dbrx.placement.plan) over
+    `max_memory` ({device or CUDA index: bytes or "70GiB"}), else every visible CUDA device, else the CPU; a device
+    name ("cuda:0") puts everything there. dtype None or "auto" keeps the stored dtype."""
     from dbrx.placement import check_device_map, device_for, dispatch, present
 
     path = Path(path)
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced"):
+        if device_map in ("sequential", "balanced_low_0"):
+            raise ValueError(f"device_map={device_map!r}: dbrx places blocks in proportion to each device's memory "
+                             "(\"auto\", or \"balanced\" as transformers calls it), or as a dict you give")
+        device_map = {"": device_map}  # one device, as transformers takes device_map="cuda:0"
     if device_map is None:
         present(device)
     config = DbrxConfig.from_pretrained(path)
     header = read_header(path)
+    if dtype == "auto":  # transformers' meaning: as the checkpoint stores it
+        dtype = None
     dtype = resolve_dtype(dtype) or checkpoint_dtype(header) or resolve_dtype(config.dtype) or torch.float32
     with torch.device("meta"):
         model = cls(config)
     quantized = config.quantization_config is not None
     if not quantized:
         check_against(model.state_dict(), header, path)
-    if device_map == "auto":
+    if device_map in ("auto", "balanced"):
         device_map = auto_device_map(config, dtype, max_memory)
     elif device_map is not None:
         if not isinstance(device_map, dict):

@@ -261,7 +261,8 @@ class DbrxForCausalLM(nn.Module):
                         device: torch.device | str = "cpu", device_map: str | dict | None = None,
                         max_memory: dict | None = None) -> "DbrxForCausalLM":
         """A checkpoint directory, on `device`; or with device_map ("auto" or {module name: device}) over several
-        devices (dbrx.checkpoint.load_pretrained)."""
+        devices (dbrx.checkpoint.load_pretrained). As in transformers, dtype="auto" keeps the stored dtype (the
+        default) and device_map may name one device ("cuda:0")."""
         from dbrx.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
