@@ -104,6 +104,7 @@ def test_greedy_picks_what_argmax_picks_ties_and_nan_included(vocab):
             if trial == 5:
                 logits = logits.t().contiguous().t()  # not contiguous
             assert torch.equal(greedy(logits), logits.argmax(-1)), (dtype, trial)
+        assert greedy(logits[:0]).shape == (0,)  # no row to sample (a serve step that only prefilled)
 
 
 def test_stop_tokens_end_a_row(pair):

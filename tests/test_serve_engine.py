@@ -73,6 +73,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decodin
     assert len(got["short"]) == 19
 
 
+def test_a_vocabulary_sized_like_dbrx_s_prefills_alone_in_chunks():
+    """Steps that only prefill sample no row; with a vocabulary as large as DBRX's (greedy's chunked path) too."""
+    torch.manual_seed(0)
+    config = DbrxConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=9000,
+                        attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4,
+                                                                  "moe_top_k": 2})
+    wide = DbrxForCausalLM(config).eval()
+    ids = torch.randint(0, 9000, (30,), generator=torch.Generator().manual_seed(7)).tolist()
+    engine = Engine(wide, max_num_seqs=1, max_num_batched_tokens=8, prefill_slowdown=0)
+    got, _ = run(engine, {0: [("long", ids, SamplingParams(max_tokens=4))]})
+    assert got["long"] == generate(wide, ids, 4)
+
+
 def test_while_requests_decode_the_prompt_chunk_is_sized_so_a_step_takes_the_set_slowdown(monkeypatch):
     """On a simulated clock (a step costs 20 ms, + 5 ms + 0.25 ms per prompt token if it prefills), chunks grow
     from the smallest (16, doubling at most per step) towards the size at which a step with a chunk takes 2.5x a decode-only step (100
