@@ -105,6 +105,7 @@ def test_greedy_picks_what_argmax_picks_ties_and_nan_included(vocab):
                 logits = logits.t().contiguous().t()  # not contiguous
             assert torch.equal(greedy(logits), logits.argmax(-1)), (dtype, trial)
         assert greedy(logits[:0]).shape == (0,)  # no row to sample (a serve step that only prefilled)
+        assert torch.equal(greedy(logits[0]), logits[0].argmax(-1))  # one row as a vector
 
 
 def test_stop_tokens_end_a_row(pair):

@@ -35,9 +35,10 @@ def greedy(logits_BV: torch.Tensor) -> torch.Tensor:
     runs on one thread without vectors: 0.2 ms over DBRX's 100k logits in fp32 and 0.45 ms in bf16 on the Xeon
     measured, 1-2.5% of a decode step. Here the maxima of 1024-wide chunks (a vectorised reduction) pick the first
     chunk that holds the maximum, and argmax runs within it: 4-7x less time there."""
-    B, V = logits_BV.shape
-    if logits_BV.device.type != "cpu" or V < 8 * GREEDY_CHUNK or B == 0:  # B = 0: a serve step that only prefills
+    if logits_BV.ndim != 2 or logits_BV.device.type != "cpu" or logits_BV.shape[-1] < 8 * GREEDY_CHUNK or \
+            logits_BV.shape[0] == 0:  # no rows: a serve step that only prefilled
         return logits_BV.argmax(dim=-1)
+    B, V = logits_BV.shape
     full = V - V % GREEDY_CHUNK
     max_BC = logits_BV[:, :full].reshape(B, -1, GREEDY_CHUNK).amax(-1)
     if full < V:
