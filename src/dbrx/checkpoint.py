@@ -157,7 +157,8 @@ def load_pretrained(cls, path: str | Path, dtype=None, device="cpu", device_map=
         device_map = auto_device_map(config, dtype, max_memory)
     elif device_map is not None:
         if not isinstance(device_map, dict):
-            raise ValueError(f"device_map must be \"auto\" or a dict of module name -> device, got {device_map!r}")
+            raise ValueError(f"device_map must be \"auto\", a device name or a dict of module name -> device, got "
+                             f"{device_map!r}")
         check_device_map(model, device_map)
     target = (lambda name: device_for(name, device_map)) if device_map is not None else (lambda name: str(device))
 
