@@ -68,8 +68,7 @@ def main() -> None:
     grown, seconds = int(out[0]), float(out[1])
     where = f" over {args.devices} (device_map)" if args.devices else ""
     print(f"{args.preset} {args.dtype}{where}: weights {nbytes / 2**20:.0f} MiB, largest block {block / 2**20:.0f} MiB;"
-          " "
-          f"peak RSS growth (loading, then reading every weight once) {grown / 2**20:.0f} MiB = {grown / nbytes:.2f}x "
+          f" peak RSS growth (loading, then reading every weight once) {grown / 2**20:.0f} MiB = {grown / nbytes:.2f}x "
           f"the weights, {(grown - nbytes) / 2**20:+.0f} MiB = {(grown - nbytes) / block:+.2f} blocks above them; "
           f"loaded in {seconds:.2f} s")
 

@@ -216,14 +216,10 @@ def auto_device_map(config: DbrxConfig, dtype: torch.dtype, max_memory: dict | N
     p = plan(config, devices, min(config.max_seq_len, 4096), dtype, **stored_quant(config))
     if not p.weights_fit:
         worst = max(p.devices, key=lambda d: d.weight_bytes - d.device.usable_bytes)
-        raise ValueError(f"device_map=\"auto\": the weights ({p.weight_bytes / 2**30:.1f} GiB in {_stored_as(p)}) "
+        raise ValueError(f"device_map=\"auto\": the weights ({p.weight_bytes / 2**30:.1f} GiB in {p.stored_as}) "
                          f"do not fit: {worst.device.name} would need {worst.weight_bytes / 2**30:.1f} GiB, "
                          f"{worst.device.usable_bytes / 2**30:.1f} GiB usable; give more devices or max_memory")
     return p.device_map()
-
-
-def _stored_as(p) -> str:
-    return dtype_name(p.dtype) if p.quant == "none" else f"{p.quant} with the rest in {dtype_name(p.dtype)}"
 
 
 def parse_size(size: int | str) -> int:

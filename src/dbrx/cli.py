@@ -250,22 +250,21 @@ def _load_model(args) -> DbrxForCausalLM:
     memory = available_memory_bytes() - code_bytes if cpu and not spread else None
     dtype = choose_inference_dtype(args.dtype, device, checkpoint_dtype(header), n_params, memory,
                                    log=lambda msg: print(msg, file=sys.stderr))
+    quant = getattr(args, "quant", "none")
     if spread:  # planned as stored: a `dbrx quantize` checkpoint by its quantization_config
         config = DbrxConfig.from_pretrained(args.model)
         layout = plan(config, spread, dtype=dtype, **stored_quant(config))
         if not layout.weights_fit:
-            stored = dtype_name(dtype) if layout.quant == "none" else f"{layout.quant} + {dtype_name(dtype)}"
             later = ("; --quant quantises after loading, so write a quantised checkpoint first: dbrx quantize "
-                     f"--model {args.model} --bits {getattr(args, 'quant', 'none')[3:]} --out QDIR"
-                     if getattr(args, "quant", "none") != "none" else "")
-            raise UserError(f"--devices {devices}: the weights ({layout.weight_bytes / GiB:.1f} GiB in {stored}) do "
-                            f"not fit; see dbrx info --model {args.model} --devices {devices}{later}")
+                     f"--model {args.model} --bits {quant[3:]} --out QDIR" if quant != "none" else "")
+            raise UserError(f"--devices {devices}: the weights ({layout.weight_bytes / GiB:.1f} GiB in "
+                            f"{layout.stored_as}) do not fit; see dbrx info --model {args.model} --devices "
+                            f"{devices}{later}")
         model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=layout.device_map())
     else:
         if cpu:
             _refuse_if_too_big(n_params * dtype.itemsize + code_bytes, f"the model in {args.model}")
         model = DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
-    quant = getattr(args, "quant", "none")
     if quant != "none" and model.config.quantization_config is not None:
         raise UserError(f"{args.model} is already quantised ({model.config.quantization_config['bits']} bits); "
                         "drop --quant")

@@ -149,6 +149,14 @@ class Plan:
     def fits(self) -> bool:
         return self.weights_fit and self.kv_tokens >= self.max_model_len
 
+    @property
+    def stored_as(self) -> str:
+        """What the weight bytes count: the dtype, or the quantisation with the rest in the dtype."""
+        from dbrx.checkpoint import dtype_name
+
+        name = dtype_name(self.dtype)
+        return name if self.quant == "none" else f"{self.quant} with the rest in {name}"
+
     def device_map(self) -> dict[str, str]:
         """Module name -> torch device, as from_pretrained(device_map=...) takes it: a device given by its kind
         or size is the CUDA device of its place in the list."""

@@ -64,10 +64,10 @@ class _Request:
 
 class SlotCache:
     """One KV slot per request, per layer [slots, G, max_len, hd] on that layer's device. A step's forward takes one
-    row that packs the decoding requests' tokens (one each, first) and then the prompt chunks; `bind` says whose they are. Each
-    attention layer then calls `attend`, which writes the new keys and values into their slots and attends
-    the decoding tokens as a batch (each row against its own slot, a mask per row) and each chunk against its
-    own slot (causal from its offset). No row attends another request's keys, so no work grows with the
+    row that packs the decoding requests' tokens (one each, first) and then the prompt chunks; `bind` says whose
+    they are. Each attention layer then calls `attend`, which writes the new keys and values into their slots and
+    attends the decoding tokens as a batch (each row against its own slot, a mask per row) and each chunk against
+    its own slot (causal from its offset). No row attends another request's keys, so no work grows with the
     product of slots and lengths."""
 
     def __init__(self, model: DbrxForCausalLM, num_slots: int, max_len: int):
