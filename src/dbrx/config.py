@@ -206,6 +206,10 @@ class DbrxConfig:
                     out[section][key] = float(out[section][key])
         for key in ("resid_pdrop", "emb_pdrop", "initializer_range"):
             out[key] = float(out[key])
+        # LLM Foundry's debugging switch, which transformers' ffn_config does not know: 5.17's refuses the whole
+        # config over it ("Found unknown kwargs"). Written only when on (which this project refuses anyway).
+        if not out["ffn_config"]["uniform_expert_assignment"]:
+            out["ffn_config"].pop("uniform_expert_assignment")
         out["model_type"] = "dbrx"
         out["architectures"] = ["DbrxForCausalLM"]
         # transformers 5 reads RoPE's theta from a top-level `rope_parameters`, not from attn_config, and falls
