@@ -1,10 +1,15 @@
 """The mixture of experts: the grouped (sorted) path, the decode path and the plain reference loop agree,
 forward and backward, and routing is dropless."""
 
+import os
+
+import pytest
 import torch
 
 from conftest import dbrx_config, randomize_
-from dbrx.moe import DbrxFFN, load_balancing_loss
+from dbrx.moe import DbrxFFN, add_by_token, load_balancing_loss
+
+DEVICE = os.environ.get("DBRX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs the combine on cuda
 
 
 def _ffn(name="C", seed=0):
@@ -48,6 +53,27 @@ def test_decode_path_equals_grouped_path():
             ref, _ = ffn(x)
         ffn.impl = "grouped"
         torch.testing.assert_close(few, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_experts_outputs_add_up_per_token_as_index_add_does_on_the_cpu_and_alike_on_every_run(dtype):
+    """Inference adds each token's K expert outputs in increasing expert order: bit for bit what index_add_ of the
+    copies sorted by expert makes on the CPU (transformers' order), and the same bits run after run on CUDA, where
+    index_add_ adds with atomics in any order."""
+    g = torch.Generator().manual_seed(0)
+    N, K, E, D = 37, 4, 16, 96
+    experts_NK = torch.rand(N, E, generator=g).argsort(dim=1)[:, :K].to(DEVICE)  # K distinct experts per token
+    order_S = experts_NK.reshape(-1).argsort(stable=True)
+    y_SD = torch.randn(N * K, D, generator=g).to(DEVICE, dtype)
+    zeros = torch.zeros(N, D, dtype=dtype, device=DEVICE)
+    got = add_by_token(y_SD, order_S, experts_NK, zeros.clone(), ordered=True)
+    if DEVICE == "cpu":
+        assert torch.equal(got, add_by_token(y_SD, order_S, experts_NK, zeros.clone()))  # index_add_ there
+        assert torch.equal(got, zeros.clone().index_add_(0, order_S // K, y_SD))
+    else:  # CUDA's index_add_ rounds a bf16 sum after each atomic add: against the fp32 sums, rounded once
+        want = zeros.float().index_add_(0, order_S // K, y_SD.float()).to(dtype)
+        torch.testing.assert_close(got, want, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-5)
+    assert all(torch.equal(got, add_by_token(y_SD, order_S, experts_NK, zeros.clone())) for _ in range(20))
 
 
 def test_dropless_under_extreme_imbalance():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbrx.moe import add_by_token
 from dbrx.perf import timeit
 
 BITS = (8, 4)
@@ -277,7 +278,7 @@ class QuantExperts(nn.Module):
         x_SD = x_ND.index_select(0, token_S)
         y_SD = torch.cat([self._expert(x_nD, e) for e, x_nD in enumerate(x_SD.split(counts)) if counts[e]])
         y_SD = y_SD.to(x_ND.dtype) * weights_NK.reshape(-1, 1).index_select(0, order_S)
-        return torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
+        return add_by_token(y_SD, order_S, experts_NK, torch.zeros_like(x_ND))
 
 
 def quantize(model, config: QuantConfig) -> dict[str, str]:
