@@ -164,8 +164,9 @@ def test_device_map_auto_plans_over_max_memory_and_bad_maps_say_what_is_wrong(ti
     # transformers' spellings: one device as the map, "balanced" for auto, dtype="auto" for as stored
     one = DbrxForCausalLM.from_pretrained(tiny_dir, dtype="auto", device_map="cpu")
     assert one.transformer.wte.weight.dtype == torch.float32 and {str(p.device) for p in one.parameters()} == {"cpu"}
+    devices = {str(p.device) for p in DbrxForCausalLM.from_pretrained(tiny_dir, device_map="auto").parameters()}
     assert {str(p.device) for p in DbrxForCausalLM.from_pretrained(tiny_dir, device_map="balanced").parameters()} \
-        == {"cpu"}
+        == devices == ({"cuda:0"} if torch.cuda.is_available() else {"cpu"})
     with pytest.raises(ValueError, match="device_map='sequential': dbrx places blocks in proportion"):
         DbrxForCausalLM.from_pretrained(tiny_dir, device_map="sequential")
     with pytest.raises(ValueError, match="'transformer.block.1' is not a module"):
