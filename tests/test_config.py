@@ -76,6 +76,13 @@ def test_written_config_loads_in_transformers(tmp_path):
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert hf.model_type == "dbrx" and hf.rope_parameters["rope_theta"] == 500000
     assert hf.attn_config.clip_qkv == 8 and hf.ffn_config.moe_normalize_expert_weights == 1.0
+    # only ffn_config keys that transformers declares: 5.17 refused the whole config over an unknown one
+    from dataclasses import fields
+
+    from transformers.models.dbrx.configuration_dbrx import DbrxFFNConfig
+
+    written = json.loads((tmp_path / "config.json").read_text())["ffn_config"]
+    assert set(written) <= {f.name for f in fields(DbrxFFNConfig)}, written
 
 
 def test_bad_config_json_names_the_file(tmp_path):
