@@ -95,7 +95,8 @@ def test_quantize_a_model_in_place_with_attention_and_head_and_generate():
                    if "experts" in n)
     with torch.no_grad():
         got = quantized(ids).logits
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    # int8 attention moves this random tiny model's logits by 1.5-2.1% (seeds 0-3; the experts alone 0.2%)
+    assert (got - want).norm() < 0.03 * want.norm()
     assert len(generate(quantized, ids[0].tolist(), 5)) == 5
     with pytest.raises(ValueError, match="only attention, lm_head"):
         QuantConfig(8, include=("router",))

@@ -194,7 +194,10 @@ class DbrxBlock(nn.Module):
 class DbrxModel(nn.Module):
     def __init__(self, config: DbrxConfig):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        # given its (empty) weight, nn.Embedding skips its own normal_ draw: init_weights draws every weight anyway,
+        # and on the meta device (`dbrx info`'s plans) that draw imports torch's compiler stack, 2 s
+        V, D = config.vocab_size, config.d_model
+        self.wte = nn.Embedding(V, D, _weight=torch.empty(V, D))
         self.blocks = nn.ModuleList(DbrxBlock(config, i) for i in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, bias=False)
 
@@ -251,6 +254,8 @@ class DbrxForCausalLM(nn.Module):
             yield name, value
 
     def _init_tensor(self, t: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        if t.device.type == "meta":  # no values to draw
+            return
         if t.ndim == 1:
             t.fill_(1.0)
         else:
