@@ -616,7 +616,8 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbrx", description="DBRX: inspect, generate, chat.")
+    parser = argparse.ArgumentParser(
+        prog="dbrx", description="DBRX: inspect, quantise, generate, chat and serve; train, fine-tune and evaluate.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("info", help="parameter counts, weight and KV-cache bytes, whether it fits in memory",
