@@ -23,6 +23,13 @@ TINY_SPECS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_cache(monkeypatch):
+    """Each test measures the machine itself (and fakes it freely): no rates kept on disk from earlier runs or tests.
+    tests/test_precision.py turns the cache on where it is what is tested."""
+    monkeypatch.setenv("DBRX_MACHINE_CACHE", "off")
+
+
 def dbrx_config(name: str) -> DbrxConfig:
     s = TINY_SPECS[name]
     return DbrxConfig(

@@ -1,6 +1,8 @@
 """Precision that follows the hardware: `auto` measures fp32 and bf16 and chooses, an explicit bf16 where bf16 is
 emulated warns with the figures, and bf16 weights on such a machine compute their experts in fp32."""
 
+import json
+
 import pytest
 import torch
 
@@ -56,6 +58,36 @@ def test_auto_inference_dtype_follows_decode_speed_and_memory(monkeypatch):
     assert perf.choose_inference_dtype(None, "cpu", None, 1, None, logs.append) == torch.float32
     assert perf.choose_inference_dtype("bfloat16", "cpu", torch.float32, 1, None, logs.append) == torch.bfloat16
     assert "125x slower" in logs[-1] and "--dtype auto" in logs[-1]
+
+
+def test_auto_inference_dtype_keeps_its_measurement_per_machine(monkeypatch, tmp_path):
+    """Measured once per machine and kept: on a shared VM the two rates sat either side of the threshold from one run
+    to the next, and the same command chose fp32, then bf16, and printed different text."""
+    monkeypatch.delenv("DBRX_MACHINE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = tmp_path / "dbrx" / "machine.json"
+    fake_machine(monkeypatch, 250, 800, fp32_matvec=8e9, bf16_matvec=6e9)
+    logs = []
+    assert perf.choose_inference_dtype("auto", "cpu", torch.float32, 10**9, None, logs.append) == torch.float32
+    assert f"measured now, kept in {kept}" in logs[-1] and kept.exists()
+    fake_machine(monkeypatch, 250, 800, fp32_matvec=5e9, bf16_matvec=9e9)  # the next run measures otherwise
+    assert perf.choose_inference_dtype("auto", "cpu", torch.float32, 10**9, None, logs.append) == torch.float32
+    assert "float32 8.00 G, bfloat16 6.00 G, measured 20" in logs[-1] and f"kept in {kept}" in logs[-1]
+    # another machine (here: another thread count) is measured for itself, beside the first
+    profile = perf.MachineProfile("cpu", "Test CPU", "AVX2", 4, 250e9, 800e9, 20e9)
+    monkeypatch.setattr(perf, "machine_profile", lambda device="cpu": profile)
+    assert perf.choose_inference_dtype("auto", "cpu", torch.float32, 10**9, None, logs.append) == torch.bfloat16
+    assert "measured now" in logs[-1] and len(json.loads(kept.read_text())) == 2
+    # an unreadable file is measured again and rewritten; DBRX_MACHINE_CACHE names another file, or "off"
+    kept.write_text("{not json")
+    assert perf.choose_inference_dtype("auto", "cpu", torch.float32, 10**9, None, logs.append) == torch.bfloat16
+    assert "measured now" in logs[-1] and len(json.loads(kept.read_text())) == 1
+    monkeypatch.setenv("DBRX_MACHINE_CACHE", str(tmp_path / "elsewhere.json"))
+    perf.choose_inference_dtype("auto", "cpu", torch.float32, 10**9, None, logs.append)
+    assert (tmp_path / "elsewhere.json").exists()
+    monkeypatch.setenv("DBRX_MACHINE_CACHE", "off")
+    perf.choose_inference_dtype("auto", "cpu", torch.float32, 10**9, None, logs.append)
+    assert "measured now;" in logs[-1] and "kept" not in logs[-1]
 
 
 def test_the_machine_is_measured_quickly_and_once():

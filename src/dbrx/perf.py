@@ -6,12 +6,15 @@ emulates it. Every figure is measured once per process and cached."""
 from __future__ import annotations
 
 import functools
+import json
+import os
 import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -87,6 +90,50 @@ def matvec_rate(dtype: torch.dtype, device: str = "cpu", column_major: bool = Fa
 def best_matvec_rate(dtype: torch.dtype, device: str = "cpu") -> float:
     """Weights/s of the faster matrix-vector layout in `dtype`."""
     return max(matvec_rate(dtype, device, False), matvec_rate(dtype, device, True))
+
+
+def machine_cache_file() -> Path | None:
+    """Where measurements that choices depend on are kept between runs: $DBRX_MACHINE_CACHE, else
+    $XDG_CACHE_HOME/dbrx/machine.json (~/.cache/dbrx/machine.json); None when DBRX_MACHINE_CACHE is "off"."""
+    chosen = os.environ.get("DBRX_MACHINE_CACHE")
+    if chosen == "off":
+        return None
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dbrx" / "machine.json"
+
+
+def decode_rates(device: str = "cpu") -> tuple[dict[torch.dtype, float], str]:
+    """fp32 and bf16 weights per second through a matrix-vector product (what `--dtype auto` compares), measured
+    once per machine (CPU model, capability, threads, torch version) and kept in machine_cache_file(): measured
+    afresh on every run, the two sat either side of the threshold from one run to the next on a shared VM (bf16
+    1.16x and 1.41x fp32 minutes apart), and the same `dbrx generate` printed different text. Returns the rates
+    and where they came from."""
+    p = machine_profile(device)
+    key = f"decode rates | {p.name} | {p.capability} | {p.threads} threads | torch {torch.__version__} | {device}"
+    path = machine_cache_file()
+    kept: dict = {}
+    if path is not None:
+        try:
+            kept = json.loads(path.read_text())
+            entry = kept[key]
+            rates = {torch.float32: float(entry["float32"]), torch.bfloat16: float(entry["bfloat16"])}
+            return rates, f"measured {entry['measured']}, kept in {path}"
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: measure (and rewrite)
+            kept = kept if isinstance(kept, dict) else {}
+    rates = {dt: best_matvec_rate(dt, device) for dt in (torch.float32, torch.bfloat16)}
+    if path is None:
+        return rates, "measured now"
+    when = time.strftime("%Y-%m-%d %H:%M")
+    kept[key] = {"float32": rates[torch.float32], "bfloat16": rates[torch.bfloat16], "measured": when}
+    try:
+        from dbrx.fileio import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only home: measured each run, as before
+        return rates, "measured now"
+    return rates, f"measured now, kept in {path}"
 
 
 def matvec_bandwidth(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
@@ -236,14 +283,14 @@ def choose_inference_dtype(requested: torch.dtype | str | None, device: torch.de
     if device.type == "cuda":
         log("dtype auto: bfloat16 (CUDA)")
         return torch.bfloat16
-    rates = {dt: best_matvec_rate(dt, str(device)) for dt in (torch.float32, torch.bfloat16)}
+    rates, source = decode_rates(str(device))
     fits = [dt for dt in rates if memory_bytes is None or n_params * dt.itemsize <= 0.9 * memory_bytes]
     # bf16 must stream clearly more weights per second: its decode has more per-call overhead than fp32's.
     fast_bf16 = rates[torch.bfloat16] >= BF16_MIN_SPEEDUP * rates[torch.float32]
     choice = torch.bfloat16 if torch.float32 not in fits or fast_bf16 else torch.float32
     p = machine_profile(device)
     log(f"dtype auto: {dtype_name(choice)} (weights streamed per second by a matrix-vector product: float32 "
-        f"{rates[torch.float32] / 1e9:.2f} G, bfloat16 {rates[torch.bfloat16] / 1e9:.2f} G; matmul fp32 "
+        f"{rates[torch.float32] / 1e9:.2f} G, bfloat16 {rates[torch.bfloat16] / 1e9:.2f} G, {source}; matmul fp32 "
         f"{p.fp32_flops / GFLOP:,.1f} GFLOP/s, bf16 {p.bf16_flops / GFLOP:,.1f} GFLOP/s"
         + ("" if len(fits) == 2 else "; float32 weights would not fit in memory") + ")")
     return choice
