@@ -1,7 +1,8 @@
 """Measuring the machine: matmul and matrix-vector throughput per dtype, memory bandwidth, and the choices that
 follow from them (precision `auto`, the lm_head's layout, which MoE path runs). Nothing here assumes what is
 fast: bf16 matmul is 2x fp32 on a Xeon with AMX and 100x slower than fp32 on an AVX2-only EPYC, where torch
-emulates it. Every figure is measured once per process and cached."""
+emulates it. Every figure is measured once per process and cached; the two rates `--dtype auto` compares, once per
+machine and kept on disk (decode_rates), so that its choice does not change from one run to the next."""
 
 from __future__ import annotations
 
