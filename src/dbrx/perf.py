@@ -101,7 +101,11 @@ def machine_cache_file() -> Path | None:
         return None
     if chosen:
         return Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dbrx" / "machine.json"
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (RuntimeError, KeyError):  # no home directory to be found: measured each run
+        return None
+    return root / "dbrx" / "machine.json"
 
 
 def decode_rates(device: str = "cpu") -> tuple[dict[torch.dtype, float], str]:
