@@ -117,6 +117,24 @@ def test_stop_tokens_end_a_row(pair):
     assert stopped == free[: free.index(stop) + 1]
 
 
+def test_the_kv_cache_takes_the_models_compute_dtype(pair, monkeypatch):
+    """Under FSDP's mixed precision (dbrx.parallel sets compute_dtype) keys and values come in bf16 from fp32 shards:
+    the cache keeps them in bf16, not in the parameters' fp32 (twice the memory, and a cast at each step)."""
+    import importlib
+
+    gen = importlib.import_module("dbrx.generate")  # the module (dbrx.generate is also the function's name)
+
+    _, ours = pair
+    made = []
+    monkeypatch.setattr(gen, "KVCache", lambda *a, **k: made.append(a[3]) or KVCache(*a, **k))
+    p = _prompt(8, 7)
+    plain = generate(ours, p, 4)
+    monkeypatch.setattr(ours, "compute_dtype", torch.bfloat16)
+    assert len(generate(ours, p, 4)) == 4 and made == [torch.float32, torch.bfloat16]
+    monkeypatch.undo()
+    assert generate(ours, p, 4) == plain
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

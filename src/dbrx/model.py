@@ -208,6 +208,9 @@ class DbrxForCausalLM(nn.Module):
         self.config = config
         self.transformer = DbrxModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # the dtype the blocks compute in where it is not the parameters' (set by dbrx.parallel under FSDP's mixed
+        # precision: fp32 shards gathered in bf16); generate keeps its KV cache in it
+        self.compute_dtype: torch.dtype | None = None
         self.init_weights()
 
     def relayout_lm_head(self, column_major: bool = True) -> None:

@@ -46,6 +46,7 @@ def parallelize(model: DbrxForCausalLM, dist: Dist, pcfg: ParallelConfig, device
     # The root (embedding, final norm, head) stays gathered from its forward to its backward: the head's chunked
     # loss reads lm_head.weight after hidden_states returns.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    model.compute_dtype = pcfg.param_dtype  # generation's KV cache in the gathered dtype, not the shards' fp32
     # The trainer calls hidden_states (the head's loss is chunked outside the module), not forward.
     register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
