@@ -242,8 +242,7 @@ def _load_model(args) -> DbrxForCausalLM:
     if not spread:
         present(device, "--device")
     for i, d in enumerate(spread or []):  # a kind (H200, 80GB) is placed on the i-th GPU
-        present(d.name if d.name == "cpu" or d.name.startswith("cuda") else f"cuda:{i}",
-                f"--devices {devices}: device {i} ({d.name}) as")
+        present(d.torch_name(i), f"--devices {devices}: device {i} ({d.name}) as")
     cpu = torch.device(device).type == "cpu"
     # float weights take --dtype; a `dbrx quantize` checkpoint's int8 codes and packed int4 stay a byte each
     n_params = sum(torch.Size(shape).numel() for shape, dt, _ in header.values() if dt is not None)

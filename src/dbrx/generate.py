@@ -116,8 +116,8 @@ def stream_generate(model: DbrxForCausalLM, input_ids, max_new_tokens: int, temp
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
-    dtype = getattr(model, "compute_dtype", None) or param.dtype
-    cache = KVCache(cfg, B, T + max_new_tokens, dtype, layer_devices(model))  # each block's own device
+    cache = KVCache(cfg, B, T + max_new_tokens, model.compute_dtype or param.dtype,
+                    layer_devices(model))  # each block's own device
 
     with torch.inference_mode():
         logits_BV = prefill(model, ids_BT, cache, mask_BS[:, :T] if padded else None)

@@ -117,8 +117,7 @@ class DbrxAttention(nn.Module):
 
     def sdpa(self, q_BHTd, k_BGSd, v_BGSd, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """Scaled dot-product attention with grouped kv heads, in `sdpa_dtype` when set, else in q's dtype (keys and
-        values from a cache kept in another dtype, e.g. fp32 under FSDP's bf16 mixed precision, are cast to it);
-        [B, H, T, hd] in q's dtype."""
+        values from a cache kept in another dtype are cast to it); [B, H, T, hd] in q's dtype."""
         dtype = q_BHTd.dtype
         compute = self.sdpa_dtype or dtype
         if any(t.dtype != compute for t in (q_BHTd, k_BGSd, v_BGSd)):

@@ -47,6 +47,11 @@ class Device:
     def usable_bytes(self) -> int:
         return max(0, self.memory_bytes - RESERVE_BYTES)
 
+    def torch_name(self, place: int) -> str:
+        """The torch device this stands for as the `place`-th of a list: a kind or size (H200, 80GB) is that
+        place's CUDA device."""
+        return self.name if self.name == "cpu" or self.name.startswith("cuda") else f"cuda:{place}"
+
 
 def parse_devices(spec: str) -> list[Device]:
     """'2xH200' -> two H200s; '4x80GB'; 'H100,H100'; 'cuda:0,cuda:1'; 'cpu'. Raises ValueError naming the item."""
@@ -161,8 +166,7 @@ class Plan:
         """Module name -> torch device, as from_pretrained(device_map=...) takes it: a device given by its kind
         or size is the CUDA device of its place in the list."""
         def torch_name(d: int) -> str:
-            name = self.devices[d].device.name
-            return name if name == "cpu" or name.startswith("cuda") else f"cuda:{d}"
+            return self.devices[d].device.torch_name(d)
 
         last = torch_name(self.layer_device[-1])
         return {"transformer.wte": torch_name(0),
