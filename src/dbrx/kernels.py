@@ -149,9 +149,10 @@ def _parts(model) -> dict[str, dict[str, tuple[list, list]]]:
 
     def linear(owner, name) -> dict[str, tuple]:
         module = getattr(owner, name)
-        if isinstance(module, QuantLinear) and module.weights.compiles():
+        if isinstance(module, QuantLinear):
             w, kernel, dtype = module.weights, module.weights.kernel, module.weights.compute_dtype
-            return {"compiled": ((lambda: w.use_kernel("compiled")), (lambda: w.use_kernel(kernel, dtype)))}
+            return {k: ((lambda k=k: w.use_kernel(k)), (lambda: w.use_kernel(kernel, dtype)))
+                    for k, ok in (("compiled", w.compiles()), ("native", w.native())) if ok}
         if type(module) is nn.Linear and module.bias is None:
             back = lambda: setattr(module, "__class__", nn.Linear)  # noqa: E731
             return {k: ((lambda c=c: setattr(module, "__class__", c)), back) for k, c in ROW_LINEARS.items()}
@@ -165,10 +166,12 @@ def _parts(model) -> dict[str, dict[str, tuple[list, list]]]:
     parts: dict[str, dict[str, tuple[list, list]]] = {}
     blocks = model.transformer.blocks
     experts = [b.ffn.experts for b in blocks]
-    if all(isinstance(e, QuantExperts) and e.compiles() for e in experts):
+    if all(isinstance(e, QuantExperts) for e in experts):
         matrices = [(w, w.kernel, w.compute_dtype) for e in experts for w in e.matrices()]
-        parts["experts"] = {"compiled": ([lambda w=w: w.use_kernel("compiled") for w, _, _ in matrices],
-                                         [lambda w=w, k=k, d=d: w.use_kernel(k, d) for w, k, d in matrices])}
+        undo = [lambda w=w, k=k, d=d: w.use_kernel(k, d) for w, k, d in matrices]
+        parts["experts"] = {kernel: ([lambda w=w, kernel=kernel: w.use_kernel(kernel) for w, _, _ in matrices], undo)
+                            for kernel, ok in (("compiled", all(e.compiles() for e in experts)),
+                                               ("native", all(w.native() for w, _, _ in matrices))) if ok}
     elif all(type(e) is DbrxExperts and e.mlp.lora is None for e in experts):
         parts["experts"] = {"compiled": ([lambda e=e: setattr(e, "one_token", _float_experts_kernel) for e in experts],
                                          [lambda e=e: setattr(e, "one_token", None) for e in experts])}
@@ -270,5 +273,5 @@ def undo_compile_decode(model) -> None:
             module.__class__ = nn.Linear
         if hasattr(module, "one_token"):
             module.one_token = None
-        if isinstance(module, QuantWeights) and module.kernel == "compiled":
+        if isinstance(module, QuantWeights) and module.kernel in ("compiled", "native"):
             module.use_kernel(None)

@@ -9,9 +9,10 @@ transposed per expert ([E, D, F]): its scales are then per output channel like e
 
 Each product runs through torch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`:
 private, so guarded), with activations in the weights' dtype or in bf16, or a plain dequantise-then-matmul
-fallback, whichever measured faster for that matrix's shape and dtype on this machine (once per process); off the
-CPU, the fallback. dbrx.kernels.compile_decode may switch one-row products to its compiled reduction, which reads
-the codes as stored.
+fallback, or for int4 dbrx.native's C kernel (a token's experts in one call), whichever measured
+faster for that matrix's shape and dtype on this machine (once per process); off the CPU, the fallback.
+dbrx.kernels.compile_decode may switch one-row products to its compiled reduction, which reads the codes as stored,
+or int4 ones to the C kernel, where decode steps measure faster.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbrx.moe import add_by_token
+from dbrx.moe import _ACTIVATIONS, add_by_token
 from dbrx.perf import timeit
 
 BITS = (8, 4)
+KERNELS = (None, "packed", "dequantize", "compiled", "native")
+NATIVE_ROWS = 8
+"""Up to this many rows (a short prompt chunk, a small decoding batch) go through dbrx.native's kernel one row at a
+time, each reading the matrix again (from the cache, past the first); more take dequantise + matmul."""
 INCLUDABLE = ("attention", "lm_head")
 _KERNEL: dict[tuple, str] = {}
+_ACT_NAMES = {fn: name for name, fn in _ACTIVATIONS.items()}
 
 
 def int4_group(input_size: int, group_size: int) -> int:
@@ -78,8 +84,9 @@ class QuantWeights(nn.Module):
     """E quantised matrices [O, I] (E = 1 for a linear layer); `mm(x, e)` = x @ W_e.T in x's dtype. Built from
     float weights (`quantized`) or from a quantised checkpoint's tensors (`from_stored`). int8 codes are kept as
     [E, O, I]; int4 codes two per byte, [E, O, I/2] (the checkpoint's layout). `kernel`: None (the faster eager one,
-    measured), "packed", "dequantize", or "compiled" (dbrx.kernels' reduction for one row, dequantise+matmul for
-    more; what dbrx.kernels.compile_decode switches to where it measures faster)."""
+    measured), "packed", "dequantize", "compiled" (dbrx.kernels' reduction for one row, dequantise+matmul for
+    more; what dbrx.kernels.compile_decode switches to where it measures faster) or, for int4 on the CPU, "native"
+    (dbrx.native's C kernel for up to NATIVE_ROWS rows, each reading the matrix, dequantise+matmul for more)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
                  kernel: str | None = None):
@@ -101,10 +108,13 @@ class QuantWeights(nn.Module):
     def use_kernel(self, kernel: str | None, compute_dtype: torch.dtype | None = None) -> None:
         """Switch to `kernel` (None: the faster of the eager ones, measured), with activations in `compute_dtype`
         (default: the weights' dtype), making or freeing what it reads."""
-        if kernel not in (None, "packed", "dequantize", "compiled"):
-            raise ValueError(f"kernel must be packed, dequantize or compiled, got {kernel!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(k for k in KERNELS if k)}, got {kernel!r}")
         if kernel == "compiled" and not self.compiles():
             raise ValueError(f"the compiled int4 kernel takes even group sizes, not {self.group_size}")
+        if kernel == "native" and not self.native():
+            raise ValueError(f"the native kernel takes int4 codes on the CPU in even groups, where it can be built: "
+                             f"int{self.bits}, group {self.group_size}, {self.q.device}")
         self.kernel, self.compute_dtype = (kernel, compute_dtype or self.dtype) if kernel else self._choose_kernel()
         for name in ("kernel_scales", "packed_q"):
             self._buffers.pop(name, None)
@@ -113,12 +123,22 @@ class QuantWeights(nn.Module):
             if self.bits == 4:  # per matrix (the layout tiles rows by 64)
                 self.register_buffer("packed_q", torch.stack([torch._convert_weight_to_int4pack_for_cpu(
                     self.codes(e).to(torch.int32), 2) for e in range(self.E)]), persistent=False)
+        if self.kernel == "native":  # each row's (scale, zero - 8 scale) pairs side by side, fp32
+            from dbrx import native
+
+            self.register_buffer("kernel_scales", native.kernel_scales(self.sz), persistent=False)
 
     def compiles(self) -> bool:
         """Whether dbrx.kernels' compiled reduction takes these codes."""
         from dbrx.kernels import int4_group_ok
 
         return self.bits == 8 or int4_group_ok(self.group_size)
+
+    def native(self) -> bool:
+        """Whether dbrx.native's C kernel takes these codes here (and could be built)."""
+        from dbrx import native
+
+        return self.bits == 4 and native.takes(self.group_size, self.q.device) and native.library() is not None
 
     @classmethod
     def quantized(cls, w_EOI: torch.Tensor, config: QuantConfig, kernel: str | None = None) -> "QuantWeights":
@@ -166,6 +186,10 @@ class QuantWeights(nn.Module):
     def describe(self) -> str:
         if self.kernel == "compiled":
             return "compiled one-row reduction (dequantise + matmul for several rows)"
+        if self.kernel == "native":
+            from dbrx import native
+
+            return f"C int4 kernel, {native.activations()} activations (dequantise + matmul past {NATIVE_ROWS} rows)"
         return "dequantise + matmul" if self.kernel == "dequantize" else \
             f"torch's packed int{self.bits} kernel, {str(self.compute_dtype).removeprefix('torch.')} activations"
 
@@ -175,7 +199,12 @@ class QuantWeights(nn.Module):
 
             idx = torch.tensor([e], device=x_NI.device)
             return compiled("rows")(x_NI, self.q, self.scales, f"int{self.bits}", self.group_size, idx).to(self.dtype)
-        if self.kernel in ("dequantize", "compiled"):
+        if self.kernel == "native" and x_NI.shape[0] <= NATIVE_ROWS:
+            from dbrx import native
+
+            idx = torch.full((x_NI.shape[0],), e, dtype=torch.int64)
+            return native.int4_rows(x_NI, self.q, self.kernel_scales, self.group_size, idx).to(self.dtype)
+        if self.kernel in ("dequantize", "compiled", "native"):
             return F.linear(x_NI.to(self.dtype), self.dequantized(e))
         x_NI = x_NI.to(self.compute_dtype)
         if self.bits == 8:
@@ -188,7 +217,8 @@ class QuantWeights(nn.Module):
         """(kernel, the dtype its activations take): the fastest on one row of dequantise-then-matmul in the
         weights' dtype and, where torch's packed CPU kernel exists and takes this shape, that kernel in the
         weights' dtype and in bf16 (it is made for bf16: on the Xeons measured, fp32 activations made it 4-15x
-        slower, bf16 ones 1.7-5x faster than an fp32 product). Measured once per bits, dtype, shape in a process."""
+        slower, bf16 ones 1.7-5x faster than an fp32 product), and for int4 dbrx.native's kernel where it builds.
+        Measured once per bits, dtype, shape in a process."""
         key = (self.bits, self.dtype, self.O, self.I, self.group_size, str(self.q.device))
         if key in _KERNEL:
             return _KERNEL[key]
@@ -203,6 +233,11 @@ class QuantWeights(nn.Module):
                 options["packed", dtype] = (
                     (lambda xd=xd, sd=sd: torch._weight_int8pack_mm(xd, w, sd)) if self.bits == 8 else
                     (lambda xd=xd, sd=sd: torch._weight_int4pack_mm_for_cpu(xd, w, self.group_size, sd)))
+        if self.native():
+            from dbrx import native
+
+            sc, idx = native.kernel_scales(self.sz[:1]), torch.tensor([0])
+            options["native", torch.float32] = lambda: native.int4_rows(x, self.q, sc, self.group_size, idx)
         times = {}
         for option, fn in options.items():
             try:
@@ -260,6 +295,11 @@ class QuantExperts(nn.Module):
         if torch.is_grad_enabled() and x_ND.requires_grad:
             raise RuntimeError("quantised experts are for inference; train the unquantised model")
         N, K = experts_NK.shape
+        if N == 1 and all(w.kernel == "native" for w in self.matrices()) and self.act in _ACT_NAMES:
+            from dbrx import native  # one call: both GLU products and w2 of the K experts
+
+            w1, v1, w2 = ((w.q, w.kernel_scales, w.group_size) for w in self.matrices())
+            return native.int4_experts(x_ND, weights_NK[0], experts_NK[0], w1, v1, w2, _ACT_NAMES[self.act])
         if N == 1 and all(w.kernel == "compiled" for w in self.matrices()):
             from dbrx.kernels import compiled  # one call: the K experts gathered inside fused reductions
 
