@@ -166,9 +166,11 @@ def test_seeded_sampling_stops_and_logprobs_do_not_depend_on_the_batch(model):
 
 
 def test_the_blocked_head_gives_the_stored_heads_logits_and_the_engine_the_same_tokens(model):
-    """The head in column blocks (several rows at once) equals a column-major head bit for bit, for a vocabulary that
-    is not a multiple of the block and any row count or input shape; one row goes through the stored head. With it,
-    the engine's greedy tokens for a batch still equal generate's alone."""
+    """The head in column blocks (several rows at once) computes a column-major head's sums, for a vocabulary that is
+    not a multiple of the block and any row count or input shape; one row goes through the stored head. Bit for bit
+    where the machine's matrix product sums in the blocks' order (the Xeon measured: every row count; an AMD EPYC:
+    not at 5-7 and 9-11 rows, 1 ulp apart), which the server checks at start-up: it uses the blocks only where they
+    are identical, and with them the engine's greedy tokens for a batch equal generate's alone."""
     import copy
 
     from dbrx.serve.head import BlockedHead, use_blocked_head
@@ -178,21 +180,28 @@ def test_the_blocked_head_gives_the_stored_heads_logits_and_the_engine_the_same_
     head = served.lm_head
     blocked = BlockedHead(head, block=64)  # 300 = 4 x 64 + 44: the last block is padded
     x = torch.randn(2, 7, 48)
+    identical = True
     with torch.no_grad():
         for rows in (1, 2, 3, 5, 8, 14):
-            assert torch.equal(blocked(x.view(-1, 48)[:rows]), head(x.view(-1, 48)[:rows])), rows
-        assert torch.equal(blocked(x), head(x)) and blocked(x).shape == (2, 7, 300)
+            got, want = blocked(x.view(-1, 48)[:rows]), head(x.view(-1, 48)[:rows])
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            identical &= torch.equal(got, want)
+        assert torch.equal(blocked(x.view(-1, 48)[:1]), head(x.view(-1, 48)[:1]))  # one row: the stored head
+        torch.testing.assert_close(blocked(x), head(x), rtol=1e-6, atol=1e-6)
+        assert blocked(x).shape == (2, 7, 300)
     assert blocked.weight is head.weight
-    served.lm_head = blocked
-    prompts = {rid: prompt(6 + 3 * i, 20 + i) for i, rid in enumerate("abcd")}
-    got, _ = run(Engine(served, max_num_seqs=4), {0: [(rid, p, SamplingParams(max_tokens=10))
-                                                      for rid, p in prompts.items()]})
-    for rid, ids in prompts.items():
-        assert got[rid] == generate(model, ids, 10), rid
-    # chosen by measurement at start-up: a line either way, never twice, never on one row
+    if identical:
+        served.lm_head = blocked
+        prompts = {rid: prompt(6 + 3 * i, 20 + i) for i, rid in enumerate("abcd")}
+        got, _ = run(Engine(served, max_num_seqs=4), {0: [(rid, p, SamplingParams(max_tokens=10))
+                                                          for rid, p in prompts.items()]})
+        for rid, ids in prompts.items():
+            assert got[rid] == generate(model, ids, 10), rid
+    # chosen by measurement at start-up: a line either way, never twice, never on one row; never where not identical
     fresh = copy.deepcopy(model)
     line = use_blocked_head(fresh, 8)
     assert line.startswith("output head") and ("copy in column blocks" in line) == isinstance(fresh.lm_head,
                                                                                                BlockedHead)
+    assert isinstance(fresh.lm_head, BlockedHead) == ("logits identical" in line)
     assert use_blocked_head(fresh, 1) is None
 
