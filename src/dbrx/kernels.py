@@ -1,5 +1,5 @@
 """Batch-1 decoding kernels, applied to a model from outside: products compiled by torch.compile (inductor) into
-fused reductions, and torch.mv for float linear layers.
+fused reductions, torch.mv for float linear layers, and for int4 weights dbrx.native's C kernel.
 
 A decode step reads each active weight once, so it runs at the speed its products stream weights. On the CPUs
 measured, torch's one-row products stream bf16 and int8 at about half fp32's bytes/s and pay ~50-90 us per call at
@@ -10,8 +10,9 @@ chosen experts inside the same reductions makes one call per layer's experts ins
 `compile_decode(model)` compiles these for the model's experts, attention projections and output head, times the
 model's decode steps with each candidate and without, part by part, and keeps the fastest (it says which, with the
 times). Kernels timed alone mislead: their repetitions leave the weights in the cache, which a decode step, reading
-every layer's weights once, does not. Nothing changes a parameter or a state_dict key; the kernels run only for
-one row without autograd, and prefill, batches and training take the eager path. Compiling takes seconds per shape;
+every layer's weights once, does not. Nothing changes a parameter or a state_dict key; the compiled kernels run only
+for one row without autograd (the C kernel up to dbrx.quant.NATIVE_ROWS rows), and longer prefills, larger batches
+and training take the eager path. Compiling takes seconds per shape;
 inductor's on-disk cache makes later processes faster. Where compilation fails (no C++ compiler, say), the eager
 path stays, with a warning.
 
