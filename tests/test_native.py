@@ -131,7 +131,7 @@ def test_without_a_compiler_torch_kernels_stay(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DBRX_KERNEL_CACHE", str(tmp_path / "kernels"))
     monkeypatch.setattr(native, "_LIBRARIES", {})
-    with pytest.warns(UserWarning, match="int4 C kernel is unavailable"):
+    with pytest.warns(UserWarning, match="C kernels are unavailable"):
         assert native.library() is None
     with pytest.raises(RuntimeError, match="no-such-cc"):
         native.build()
@@ -151,3 +151,45 @@ def test_a_build_is_kept_and_reused(monkeypatch, tmp_path):
     stamp = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == stamp  # same source, compiler, flags, CPU
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("loop", sorted(_loops()))
+def test_each_loop_computes_fp32_rows(loop):
+    lib = native.library(_loops()[loop])
+    g = torch.Generator().manual_seed(2)
+    for O, I in [(1, 1), (7, 40), (130, 96), (67, 515)]:  # rows past a multiple of four, inputs past a vector step
+        w, x = torch.randn(O, I, generator=g), torch.randn(2, I, generator=g)
+        want = x @ w.t()
+        torch.testing.assert_close(native.f32_rows(x, w, lib=lib), want, rtol=0, atol=2e-6 * I)
+
+
+def test_the_native_head_and_attention_in_fp32_and_the_heads_layout_restored():
+    from dbrx.generate import decode_one_token, prefill
+    from dbrx.kernels import NativeRowLinear, _parts, compile_decode, undo_compile_decode
+    from dbrx.model import KVCache
+
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(dbrx_config("B")).eval()
+    model.relayout_lm_head(column_major=True)  # as loading may lay it out
+    prompt = [3, 17, 101, 5, 9]
+    with torch.inference_mode():
+        want = model(torch.tensor([prompt])).logits[0, -1]
+    chosen = compile_decode(model, log=lambda _: None, steps=2, tries=1)
+    assert "native " in chosen["lm_head"] and "native " in chosen["attention"]  # timed beside the others
+    undo_compile_decode(model)
+    apply, undo = _parts(model)["lm_head"]["native"]
+    for fn in apply:
+        fn()
+    assert isinstance(model.lm_head, NativeRowLinear) and model.lm_head.weight.is_contiguous()  # row-major for it
+    cache = KVCache(model.config, 1, 8, torch.float32, "cpu")
+    with torch.inference_mode():
+        prefill(model, torch.tensor([prompt[:-1]]), cache, None)
+        got = decode_one_token(model, torch.tensor([prompt[-1]]), cache, len(prompt) - 1, None)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for fn in undo:
+        fn()
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.stride(0) == 1  # column-major again
+    for fn in apply:
+        fn()
+    undo_compile_decode(model)  # so does undoing everything
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.stride(0) == 1

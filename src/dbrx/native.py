@@ -1,5 +1,5 @@
-"""int4 one-row products in C (csrc/int4.c), built with the machine's C compiler on first use and called through
-ctypes: dbrx.quant's "native" int4 kernel.
+"""One-row products in C (csrc/rows.c), built with the machine's C compiler on first use and called through ctypes:
+dbrx.quant's "native" int4 kernel, and dbrx.kernels' fp32 row kernel.
 
 At an expert's size torch's packed int4 CPU kernel streams its weights at a third to half of the memory's speed
 (about 17-40 us a 0.3 MB matrix, much of it per call), and inductor's reductions over nibbles compute more than they
@@ -8,6 +8,10 @@ one call per layer. Where the CPU has AVX512-BF16 it feeds vdpbf16ps (activation
 kernel rounds them); elsewhere it converts to fp32 for FMAs (AVX-512 or AVX2) or runs a plain loop, activations in
 fp32. On an AMD EPYC (Zen 4, 2 threads; docs/inference.md): dbrx-small's experts 1.2-1.3 ms a step against the
 packed kernel's 1.6 ms, its int4 head 1.25-1.36 ms against 1.43-1.45 (weights not in the cache).
+
+For fp32 weights stored row-major, the same loop shape (four rows' dot products at a time, the next four rows
+prefetched) streamed the 100k x 384 head at 27-28 GB/s there, where torch's one-row product reached 21 column-major
+and 8 row-major: dbrx.kernels offers it for float heads and attention projections.
 
 Built once per source, compiler, flags and CPU model into $DBRX_KERNEL_CACHE or $XDG_CACHE_HOME/dbrx/kernels
 (~/.cache/dbrx/kernels), written to a temporary name and renamed. With no compiler, or where the build fails,
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "int4.c"
+SOURCE = Path(__file__).with_name("csrc") / "rows.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ACTIVATIONS = {"silu": 0, "gelu": 1}
 _LIBRARIES: dict[tuple[str, ...], ctypes.CDLL | None] = {}
@@ -49,7 +53,7 @@ def cache_dir() -> Path:
 
 
 def build(flags: tuple[str, ...] = FLAGS, out_dir: Path | None = None) -> Path:
-    """Compile csrc/int4.c with `flags` (cached: a build with the same source, compiler, flags and CPU is reused).
+    """Compile csrc/rows.c with `flags` (cached: a build with the same source, compiler, flags and CPU is reused).
     Raises RuntimeError saying what failed."""
     from dbrx.perf import cpu_model
 
@@ -63,7 +67,7 @@ def build(flags: tuple[str, ...] = FLAGS, out_dir: Path | None = None) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), cpu_model().encode()]))
     out_dir = out_dir or cache_dir()
-    path = out_dir / f"int4-{key.hexdigest()[:16]}.so"
+    path = out_dir / f"rows-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,13 +90,15 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(build(flags)))
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            warnings.warn(f"dbrx.native: the int4 C kernel is unavailable ({e}); torch's kernels stay", stacklevel=2)
+            warnings.warn(f"dbrx.native: the C kernels are unavailable ({e}); torch's kernels stay", stacklevel=2)
             lib = None
         if lib is not None:
             p, n = ctypes.c_void_p, ctypes.c_int64
             lib.dbrx_int4_rows.argtypes = [n, n, n, n, p, p, p, p, p]
             lib.dbrx_int4_experts.argtypes = [n, n, n, n, n, ctypes.c_int, *[p] * 10]
-            lib.dbrx_int4_rows.restype = lib.dbrx_int4_experts.restype = lib.dbrx_int4_isa.restype = ctypes.c_int
+            lib.dbrx_f32_rows.argtypes = [n, n, n, p, p, p]
+            for fn in (lib.dbrx_int4_rows, lib.dbrx_int4_experts, lib.dbrx_int4_isa, lib.dbrx_f32_rows):
+                fn.restype = ctypes.c_int
         _LIBRARIES[flags] = lib
     return _LIBRARIES[flags]
 
@@ -155,3 +161,15 @@ def int4_experts(x_1D: torch.Tensor, weights_K: torch.Tensor, experts_K: torch.T
                                  idx.data_ptr(), q1.data_ptr(), sc1.data_ptr(), qv.data_ptr(), scv.data_ptr(),
                                  q2.data_ptr(), sc2.data_ptr(), y.data_ptr()))
     return y.view(1, D).to(x_1D.dtype)
+
+
+def f32_rows(x_KI: torch.Tensor, w_OI: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """y_KO = x_KI @ w_OI.T for fp32 weights stored row-major (contiguous): each row's dot product four rows at a
+    time, the next rows prefetched."""
+    lib = lib or library()
+    x_KI = x_KI.float().contiguous()
+    K, I = x_KI.shape
+    O = w_OI.shape[0]
+    y_KO = torch.empty(K, O)
+    _check(lib.dbrx_f32_rows(K, O, I, x_KI.data_ptr(), w_OI.data_ptr(), y_KO.data_ptr()))
+    return y_KO

@@ -1,4 +1,5 @@
-/* One-row int4 products for batch-1 decoding (dbrx.native builds this with the machine's C compiler).
+/* One-row products for batch-1 decoding (dbrx.native builds this with the machine's C compiler): int4 codes, and at
+   the end fp32 weights.
 
    Weights are dbrx.quant's int4 codes as stored: [E, O, I/2] bytes, the even input column in the low nibble, in
    groups of `group` inputs. Scales come as `sc` [E, O, G, 2] floats (s, c), one pair per row and group, with
@@ -250,6 +251,75 @@ int dbrx_int4_rows(int64_t K, int64_t O, int64_t I, int64_t group, const float *
     }
     free(in);
     free(buf);
+    return 0;
+}
+
+/* ---- fp32 weights: y [K, O] = x_k [K, I] . W [O, I], W row-major (a float linear layer, the output head) ---- */
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__)
+#define FW 16
+typedef __m512 fv;
+static inline fv f_zero(void) { return _mm512_setzero_ps(); }
+static inline fv f_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline fv f_fma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float f_sum(fv a, fv b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
+#else
+#define FW 8
+typedef __m256 fv;
+static inline fv f_zero(void) { return _mm256_setzero_ps(); }
+static inline fv f_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline fv f_fma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float f_sum(fv a, fv b) {
+    __m256 v = _mm256_add_ps(a, b);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+}
+#endif
+/* four rows at once, two sums each (eight independent FMA chains), the next four rows prefetched */
+static void f32_rows4(const float *w, int64_t I, const float *x, float *y) {
+    for (int64_t l = 0; l < 4 * I * (int64_t)sizeof(float); l += 64)
+        _mm_prefetch((const char *)(w + 4 * I) + l, _MM_HINT_T0);
+    fv a[4], b[4];
+    for (int r = 0; r < 4; r++) a[r] = b[r] = f_zero();
+    int64_t i = 0;
+    for (; i + 2 * FW <= I; i += 2 * FW) {
+        const fv x0 = f_load(x + i), x1 = f_load(x + i + FW);
+        for (int r = 0; r < 4; r++) {
+            a[r] = f_fma(f_load(w + r * I + i), x0, a[r]);
+            b[r] = f_fma(f_load(w + r * I + i + FW), x1, b[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        float t = f_sum(a[r], b[r]);
+        for (int64_t j = i; j < I; j++) t += w[r * I + j] * x[j];
+        y[r] = t;
+    }
+}
+#else
+static void f32_rows4(const float *w, int64_t I, const float *x, float *y) {
+    for (int r = 0; r < 4; r++) {
+        float t = 0.f;
+        for (int64_t j = 0; j < I; j++) t += w[r * I + j] * x[j];
+        y[r] = t;
+    }
+}
+#endif
+
+int dbrx_f32_rows(int64_t K, int64_t O, int64_t I, const float *x, const float *w, float *y) {
+    const int64_t blocks = (O + BLOCK - 1) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t kb = 0; kb < K * blocks; kb++) {
+        const int64_t k = kb / blocks, o0 = kb % blocks * BLOCK, o1 = o0 + BLOCK < O ? o0 + BLOCK : O;
+        int64_t o = o0;
+        for (; o + 4 <= o1; o += 4) f32_rows4(w + o * I, I, x + k * I, y + k * O + o);
+        for (; o < o1; o++) {
+            float t = 0.f;
+            for (int64_t j = 0; j < I; j++) t += w[o * I + j] * x[k * I + j];
+            y[k * O + o] = t;
+        }
+    }
     return 0;
 }
 
