@@ -193,3 +193,16 @@ def test_the_native_head_and_attention_in_fp32_and_the_heads_layout_restored():
         fn()
     undo_compile_decode(model)  # so does undoing everything
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.stride(0) == 1
+
+
+def test_shapes_and_layouts_are_checked_before_the_c_code_reads_memory():
+    w = QuantWeights.quantized(torch.randn(2, 16, 64), QuantConfig(4, 32), "dequantize")
+    sc = native.kernel_scales(w.sz)
+    with pytest.raises(ValueError, match="int4 codes"):
+        native.int4_rows(torch.randn(1, 32), w.q, sc, 32, torch.tensor([0]))  # inputs of 32 for rows of 64
+    with pytest.raises(ValueError, match="kernel scales"):
+        native.int4_rows(torch.randn(1, 64), w.q, sc[:1], 32, torch.tensor([0]))
+    with pytest.raises(ValueError, match="no index"):
+        native.int4_rows(torch.randn(1, 64), w.q, sc, 32, None)
+    with pytest.raises(ValueError, match="row-major"):
+        native.f32_rows(torch.randn(1, 8), torch.randn(8, 5).t())

@@ -16,7 +16,7 @@ and 8 row-major: dbrx.kernels offers it for float heads and attention projection
 Built once per source, compiler, flags and CPU model into $DBRX_KERNEL_CACHE or $XDG_CACHE_HOME/dbrx/kernels
 (~/.cache/dbrx/kernels), written to a temporary name and renamed. With no compiler, or where the build fails,
 `library()` is None (warned once) and dbrx.quant keeps torch's kernels. OpenMP comes from torch's own runtime,
-already loaded in the process, so the threads are torch's (torch.set_num_threads holds).
+already loaded in the process, with torch's intra-op thread count (torch.set_num_threads holds, in any thread).
 
 Shape legend: K rows of input (one per chosen expert), E matrices, O outputs, I inputs, G groups per row,
 D d_model, F expert width.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -46,10 +47,21 @@ def cache_dir() -> Path:
     if chosen:
         return Path(chosen)
     try:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    except (RuntimeError, KeyError):  # no home directory: a folder of this user's in the temporary directory
-        root = Path(tempfile.gettempdir()) / f"dbrx-{os.getuid()}"
-    return root / "dbrx" / "kernels"
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dbrx" / "kernels"
+    except (RuntimeError, KeyError):  # no home directory: a private folder for this process (a shared one in /tmp
+        return Path(tempfile.mkdtemp(prefix="dbrx-kernels-"))  # could hold a library planted under the same name)
+
+
+def _cpu_features() -> str:
+    """What the CPU offers, for the build's key: a library built with -march=native on one CPU may not run on another
+    of the same model name (a home directory shared between machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build(flags: tuple[str, ...] = FLAGS, out_dir: Path | None = None) -> Path:
@@ -65,7 +77,8 @@ def build(flags: tuple[str, ...] = FLAGS, out_dir: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from e
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), cpu_model().encode()]))
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), cpu_model().encode(),
+                                     _cpu_features().encode()]))
     out_dir = out_dir or cache_dir()
     path = out_dir / f"rows-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -94,9 +107,10 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
             lib = None
         if lib is not None:
             p, n = ctypes.c_void_p, ctypes.c_int64
-            lib.dbrx_int4_rows.argtypes = [n, n, n, n, p, p, p, p, p]
-            lib.dbrx_int4_experts.argtypes = [n, n, n, n, n, ctypes.c_int, *[p] * 10]
-            lib.dbrx_f32_rows.argtypes = [n, n, n, p, p, p]
+            i = ctypes.c_int
+            lib.dbrx_int4_rows.argtypes = [n, n, n, n, p, p, p, p, p, i]
+            lib.dbrx_int4_experts.argtypes = [n, n, n, n, n, i, *[p] * 10, i]
+            lib.dbrx_f32_rows.argtypes = [n, n, n, p, p, p, i]
             for fn in (lib.dbrx_int4_rows, lib.dbrx_int4_experts, lib.dbrx_int4_isa, lib.dbrx_f32_rows):
                 fn.restype = ctypes.c_int
         _LIBRARIES[flags] = lib
@@ -129,7 +143,13 @@ def kernel_scales(sz_EGO2: torch.Tensor) -> torch.Tensor:
 
 def _check(status: int) -> None:
     if status:
-        raise MemoryError("dbrx.native: the int4 kernel could not allocate its buffers")
+        raise MemoryError("dbrx.native: the C kernel could not allocate its buffers")
+
+
+def _require(condition: bool, what: str) -> None:
+    """The C code reads raw memory: shapes and layouts are checked here, where a mistake can still be named."""
+    if not condition:
+        raise ValueError(f"dbrx.native: {what}")
 
 
 def int4_rows(x_KI: torch.Tensor, q_EOH: torch.Tensor, sc_EOG2: torch.Tensor, group: int, idx_K: torch.Tensor | None,
@@ -138,11 +158,16 @@ def int4_rows(x_KI: torch.Tensor, q_EOH: torch.Tensor, sc_EOG2: torch.Tensor, gr
     lib = lib or library()
     x_KI = x_KI.float().contiguous()
     K, I = x_KI.shape
-    O = q_EOH.shape[1]
+    E, O, H = q_EOH.shape
+    _require(q_EOH.dtype == torch.uint8 and q_EOH.is_contiguous() and 2 * H == I and I % group == 0 and
+             group % 2 == 0, f"int4 codes {tuple(q_EOH.shape)} {q_EOH.dtype} for inputs of {I} in groups of {group}")
+    _require(sc_EOG2.dtype == torch.float32 and sc_EOG2.is_contiguous() and
+             tuple(sc_EOG2.shape) == (E, O, I // group, 2), f"kernel scales {tuple(sc_EOG2.shape)} for {E}x{O} rows")
+    _require(idx_K is not None or E == 1, "several matrices and no index")
     y_KO = torch.empty(K, O)
     idx = None if idx_K is None else idx_K.to(torch.int64).contiguous()
     _check(lib.dbrx_int4_rows(K, O, I, group, x_KI.data_ptr(), q_EOH.data_ptr(), sc_EOG2.data_ptr(),
-                              None if idx is None else idx.data_ptr(), y_KO.data_ptr()))
+                              None if idx is None else idx.data_ptr(), y_KO.data_ptr(), torch.get_num_threads()))
     return y_KO
 
 
@@ -156,10 +181,13 @@ def int4_experts(x_1D: torch.Tensor, weights_K: torch.Tensor, experts_K: torch.T
     idx = experts_K.to(torch.int64).contiguous()
     (q1, sc1, g1), (qv, scv, _), (q2, sc2, g2) = w1, v1, w2
     F, D = q1.shape[1], x.shape[-1]
+    _require(all(t.is_contiguous() for t in (q1, sc1, qv, scv, q2, sc2)) and q1.shape == qv.shape and
+             tuple(q1.shape[1:]) == (F, D // 2) and tuple(q2.shape[1:]) == (D, F // 2),
+             f"expert codes w1 {tuple(q1.shape)}, v1 {tuple(qv.shape)}, w2 {tuple(q2.shape)} for d_model {D}")
     y = torch.empty(D)
     _check(lib.dbrx_int4_experts(idx.shape[0], D, F, g1, g2, ACTIVATIONS[act], x.data_ptr(), weight.data_ptr(),
                                  idx.data_ptr(), q1.data_ptr(), sc1.data_ptr(), qv.data_ptr(), scv.data_ptr(),
-                                 q2.data_ptr(), sc2.data_ptr(), y.data_ptr()))
+                                 q2.data_ptr(), sc2.data_ptr(), y.data_ptr(), torch.get_num_threads()))
     return y.view(1, D).to(x_1D.dtype)
 
 
@@ -170,6 +198,8 @@ def f32_rows(x_KI: torch.Tensor, w_OI: torch.Tensor, lib: ctypes.CDLL | None = N
     x_KI = x_KI.float().contiguous()
     K, I = x_KI.shape
     O = w_OI.shape[0]
+    _require(w_OI.dtype == torch.float32 and w_OI.is_contiguous() and w_OI.shape == (O, I),
+             f"fp32 row-major weights [{O}, {I}], got {tuple(w_OI.shape)} {w_OI.dtype}")
     y_KO = torch.empty(K, O)
-    _check(lib.dbrx_f32_rows(K, O, I, x_KI.data_ptr(), w_OI.data_ptr(), y_KO.data_ptr()))
+    _check(lib.dbrx_f32_rows(K, O, I, x_KI.data_ptr(), w_OI.data_ptr(), y_KO.data_ptr(), torch.get_num_threads()))
     return y_KO

@@ -236,8 +236,8 @@ class QuantWeights(nn.Module):
         if self.native():
             from dbrx import native
 
-            sc, idx = native.kernel_scales(self.sz[:1]), torch.tensor([0])
-            options["native", torch.float32] = lambda: native.int4_rows(x, self.q, sc, self.group_size, idx)
+            q, sc, idx = self.q[:1], native.kernel_scales(self.sz[:1]), torch.tensor([0])
+            options["native", torch.float32] = lambda: native.int4_rows(x, q, sc, self.group_size, idx)
         times = {}
         for option, fn in options.items():
             try:

@@ -10,7 +10,7 @@
    y = sum_g s_g * (sum_j lo_j * x_even_j + hi_j * x_odd_j) + sum_g c_g * (sum of the group's inputs).
    The codes are converted in registers: to bf16 for vdpbf16ps (AVX512-BF16), or to fp32 for FMAs (AVX-512, AVX2),
    whichever the compiler targets, a plain loop otherwise. Rows are shared among OpenMP threads (torch's own
-   runtime, already loaded by the process).
+   runtime, already loaded by the process), as many as the caller passes (torch's intra-op count).
 
    Shape legend: K rows of input (one per chosen expert), E matrices, O outputs, I inputs, G groups per row,
    D d_model, F expert width. */
@@ -233,7 +233,7 @@ int dbrx_int4_isa(void) {
 
 /* y [K, O] = x_k [K, I] . W_{idx[k]} (W = matrix 0 where idx is NULL). Returns 0, or -1 where memory ran out. */
 int dbrx_int4_rows(int64_t K, int64_t O, int64_t I, int64_t group, const float *x, const uint8_t *q,
-                   const float *sc, const int64_t *idx, float *y) {
+                   const float *sc, const int64_t *idx, float *y, int threads) {
     const int64_t G = I / group, H = I / 2, blocks = (O + BLOCK - 1) / BLOCK;
     void *buf = input_buffers(K, I, group);
     struct input *in = malloc(sizeof(struct input) * K);
@@ -243,7 +243,7 @@ int dbrx_int4_rows(int64_t K, int64_t O, int64_t I, int64_t group, const float *
         return -1;
     }
     for (int64_t k = 0; k < K; k++) in[k] = split(x + k * I, k, K, I, group, buf);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t kb = 0; kb < K * blocks; kb++) {
         const int64_t k = kb / blocks, o0 = kb % blocks * BLOCK, o1 = o0 + BLOCK < O ? o0 + BLOCK : O;
         const int64_t m = (idx ? idx[k] : 0) * O;
@@ -307,9 +307,9 @@ static void f32_rows4(const float *w, int64_t I, const float *x, float *y) {
 }
 #endif
 
-int dbrx_f32_rows(int64_t K, int64_t O, int64_t I, const float *x, const float *w, float *y) {
+int dbrx_f32_rows(int64_t K, int64_t O, int64_t I, const float *x, const float *w, float *y, int threads) {
     const int64_t blocks = (O + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t kb = 0; kb < K * blocks; kb++) {
         const int64_t k = kb / blocks, o0 = kb % blocks * BLOCK, o1 = o0 + BLOCK < O ? o0 + BLOCK : O;
         int64_t o = o0;
@@ -333,7 +333,7 @@ static inline float activation(float g, int act) {
    act: 0 silu, 1 gelu. Returns 0, or -1 where memory ran out (y untouched). */
 int dbrx_int4_experts(int64_t K, int64_t D, int64_t F, int64_t group1, int64_t group2, int act, const float *x,
                       const float *weight, const int64_t *idx, const uint8_t *q1, const float *sc1,
-                      const uint8_t *qv, const float *scv, const uint8_t *q2, const float *sc2, float *y) {
+                      const uint8_t *qv, const float *scv, const uint8_t *q2, const float *sc2, float *y, int threads) {
     const int64_t G1 = D / group1, G2 = F / group2, HD = D / 2, HF = F / 2;
     const int64_t blocks_f = (F + BLOCK - 1) / BLOCK, blocks_d = (D + BLOCK - 1) / BLOCK;
     void *xbuf = input_buffers(1, D, group1), *hbuf = input_buffers(K, F, group2);
@@ -348,7 +348,7 @@ int dbrx_int4_experts(int64_t K, int64_t D, int64_t F, int64_t group1, int64_t g
     }
     float *yk = gu + 2 * K * F;
     const struct input in = split(x, 0, 1, D, group1, xbuf);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < 2 * K * blocks_f; u++) { /* (w1 or v1, expert, block of rows) */
