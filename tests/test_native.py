@@ -1,5 +1,6 @@
-"""dbrx.native: the int4 C kernel against the dequantised product, in each loop the machine can run, and in the
-quantised model (one token, a few rows, a prefill); without a compiler, torch's kernels stay."""
+"""dbrx.native: the int4 C kernel against the dequantised product and the fp32 row kernel against torch's product,
+in each loop the machine can run, and in the model (one token, a few rows, a prefill; compile_decode's candidates,
+the head's layout); without a compiler, torch's kernels stay."""
 
 from __future__ import annotations
 
