@@ -31,6 +31,31 @@
 #define STEP 0
 #endif
 
+/* fp32 vectors of the widest width the compiler targets (FW lanes), for the int4 fp32 loop and the fp32 rows */
+#if defined(__AVX512F__)
+#define FW 16
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vload(const float *x) { return _mm512_loadu_ps(x); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vset(float s) { return _mm512_set1_ps(s); }
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FW 8
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *x) { return _mm256_loadu_ps(x); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vset(float s) { return _mm256_set1_ps(s); }
+static inline float vsum(vf v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+}
+#endif
+
 /* One input, split for the row loops: even and odd columns (fp32, and for the bf16 loop rounded to bf16), each
    group's sum, and each group's sum over the columns the bf16 loop takes, as it takes them. */
 struct input {
@@ -143,35 +168,17 @@ static void rows4(const uint8_t *q, const float *sc, int64_t H, int64_t G, int64
     }
     for (int i = 0; i < 4; i++) y[i] = t[i] + _mm512_reduce_add_ps(acc[i]);
 }
-#elif defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#elif defined(FW)
 #if defined(__AVX512F__)
-typedef __m512 vf;
 typedef __m512i vi;
 static inline vi load_codes(const uint8_t *q) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)); }
 static inline vf low(vi w) { return _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(15))); }
 static inline vf high(vi w) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4)); }
-static inline vf vzero(void) { return _mm512_setzero_ps(); }
-static inline vf vload(const float *x) { return _mm512_loadu_ps(x); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vset(float s) { return _mm512_set1_ps(s); }
-static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 #else
-typedef __m256 vf;
 typedef __m256i vi;
 static inline vi load_codes(const uint8_t *q) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q)); }
 static inline vf low(vi w) { return _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15))); }
 static inline vf high(vi w) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4)); }
-static inline vf vzero(void) { return _mm256_setzero_ps(); }
-static inline vf vload(const float *x) { return _mm256_loadu_ps(x); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vset(float s) { return _mm256_set1_ps(s); }
-static inline float vsum(vf v) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-}
 #endif
 static void rows4(const uint8_t *q, const float *sc, int64_t H, int64_t G, int64_t half_group,
                   const struct input *in, float *y) {
@@ -256,54 +263,32 @@ int dbrx_int4_rows(int64_t K, int64_t O, int64_t I, int64_t group, const float *
 
 /* ---- fp32 weights: y [K, O] = x_k [K, I] . W [O, I], W row-major (a float linear layer, the output head) ---- */
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#if defined(__AVX512F__)
-#define FW 16
-typedef __m512 fv;
-static inline fv f_zero(void) { return _mm512_setzero_ps(); }
-static inline fv f_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline fv f_fma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float f_sum(fv a, fv b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
-#else
-#define FW 8
-typedef __m256 fv;
-static inline fv f_zero(void) { return _mm256_setzero_ps(); }
-static inline fv f_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline fv f_fma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float f_sum(fv a, fv b) {
-    __m256 v = _mm256_add_ps(a, b);
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+static inline float f32_dot(const float *w, const float *x, int64_t j0, int64_t I) {
+    float t = 0.f;
+    for (int64_t j = j0; j < I; j++) t += w[j] * x[j];
+    return t;
 }
-#endif
+
+#if defined(FW)
 /* four rows at once, two sums each (eight independent FMA chains), the next four rows prefetched */
 static void f32_rows4(const float *w, int64_t I, const float *x, float *y) {
     for (int64_t l = 0; l < 4 * I * (int64_t)sizeof(float); l += 64)
         _mm_prefetch((const char *)(w + 4 * I) + l, _MM_HINT_T0);
-    fv a[4], b[4];
-    for (int r = 0; r < 4; r++) a[r] = b[r] = f_zero();
+    vf a[4], b[4];
+    for (int r = 0; r < 4; r++) a[r] = b[r] = vzero();
     int64_t i = 0;
     for (; i + 2 * FW <= I; i += 2 * FW) {
-        const fv x0 = f_load(x + i), x1 = f_load(x + i + FW);
+        const vf x0 = vload(x + i), x1 = vload(x + i + FW);
         for (int r = 0; r < 4; r++) {
-            a[r] = f_fma(f_load(w + r * I + i), x0, a[r]);
-            b[r] = f_fma(f_load(w + r * I + i + FW), x1, b[r]);
+            a[r] = vfma(vload(w + r * I + i), x0, a[r]);
+            b[r] = vfma(vload(w + r * I + i + FW), x1, b[r]);
         }
     }
-    for (int r = 0; r < 4; r++) {
-        float t = f_sum(a[r], b[r]);
-        for (int64_t j = i; j < I; j++) t += w[r * I + j] * x[j];
-        y[r] = t;
-    }
+    for (int r = 0; r < 4; r++) y[r] = vsum(vadd(a[r], b[r])) + f32_dot(w + r * I, x, i, I);
 }
 #else
 static void f32_rows4(const float *w, int64_t I, const float *x, float *y) {
-    for (int r = 0; r < 4; r++) {
-        float t = 0.f;
-        for (int64_t j = 0; j < I; j++) t += w[r * I + j] * x[j];
-        y[r] = t;
-    }
+    for (int r = 0; r < 4; r++) y[r] = f32_dot(w + r * I, x, 0, I);
 }
 #endif
 
@@ -314,11 +299,7 @@ int dbrx_f32_rows(int64_t K, int64_t O, int64_t I, const float *x, const float *
         const int64_t k = kb / blocks, o0 = kb % blocks * BLOCK, o1 = o0 + BLOCK < O ? o0 + BLOCK : O;
         int64_t o = o0;
         for (; o + 4 <= o1; o += 4) f32_rows4(w + o * I, I, x + k * I, y + k * O + o);
-        for (; o < o1; o++) {
-            float t = 0.f;
-            for (int64_t j = 0; j < I; j++) t += w[o * I + j] * x[k * I + j];
-            y[k * O + o] = t;
-        }
+        for (; o < o1; o++) y[k * O + o] = f32_dot(w + o * I, x + k * I, 0, I);
     }
     return 0;
 }
