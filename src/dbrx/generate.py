@@ -8,6 +8,7 @@ row's first real token (as transformers does), so each row generates what it wou
 from __future__ import annotations
 
 import codecs
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,7 +24,11 @@ def prefill(model: DbrxForCausalLM, ids_BT: torch.Tensor, cache: KVCache, mask_B
 
 def decode_one_token(model: DbrxForCausalLM, ids_B: torch.Tensor, cache: KVCache, pos: int,
                      mask_BS: torch.Tensor | None):
-    """One new token per row at slot `pos`; returns its logits [B, V]."""
+    """One new token per row at slot `pos`; returns its logits [B, V]. A compiled step (dbrx.kernels.compile_decode)
+    runs it where it takes it."""
+    step = getattr(model, "decode_step", None)
+    if step is not None and step.takes(ids_B, cache, pos, mask_BS):
+        return step(ids_B, cache, pos)
     return model(ids_B[:, None], attention_mask=mask_BS, cache=cache, start_pos=pos).logits[:, -1]
 
 
@@ -118,6 +123,11 @@ def stream_generate(model: DbrxForCausalLM, input_ids, max_new_tokens: int, temp
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(cfg, B, T + max_new_tokens, model.compute_dtype or param.dtype,
                     layer_devices(model))  # each block's own device
+    if getattr(model, "decode_step", None) is not None and not model.decode_step.current(model):
+        warnings.warn("the model changed after dbrx.kernels.compile_decode (modules or weights replaced); its "
+                      "compiled decode step is dropped and decoding runs eagerly: call compile_decode again",
+                      stacklevel=2)
+        model.decode_step = None
 
     with torch.inference_mode():
         logits_BV = prefill(model, ids_BT, cache, mask_BS[:, :T] if padded else None)

@@ -43,6 +43,13 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.max_len = max_len
 
+    @classmethod
+    def of(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> "KVCache":
+        """A cache over existing tensors, one [B, G, max_len, hd] pair per layer."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len = list(k), list(v), k[0].shape[2]
+        return cache
+
     @staticmethod
     def bytes_per_token(config: DbrxConfig, dtype: torch.dtype) -> int:
         return 2 * config.n_layers * config.kv_n_heads * config.head_dim * dtype.itemsize
@@ -210,6 +217,9 @@ class DbrxForCausalLM(nn.Module):
         # the dtype the blocks compute in where it is not the parameters' (set by dbrx.parallel under FSDP's mixed
         # precision: fp32 shards gathered in bf16); generate keeps its KV cache in it
         self.compute_dtype: torch.dtype | None = None
+        # the whole batch-1 decode step compiled, installed from outside (dbrx.kernels.compile_decode): a
+        # dbrx.kernels.DecodeStep, which dbrx.generate runs where it takes the step
+        self.decode_step = None
         self.init_weights()
 
     def relayout_lm_head(self, column_major: bool = True) -> None:
@@ -224,7 +234,7 @@ class DbrxForCausalLM(nn.Module):
         w = self.lm_head.weight
         if w.device.type == "meta" or (w.stride(0) == 1) == column_major:
             return
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # a parameter, never an inference tensor
             data = w.t().contiguous().t() if column_major else w.contiguous()
             self.lm_head.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 

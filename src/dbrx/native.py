@@ -155,6 +155,8 @@ def _require(condition: bool, what: str) -> None:
 def int4_rows(x_KI: torch.Tensor, q_EOH: torch.Tensor, sc_EOG2: torch.Tensor, group: int, idx_K: torch.Tensor | None,
               lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """y_KO (fp32) = x_k . W_{idx_K[k]} (each row against matrix 0 where idx_K is None)."""
+    if lib is None and torch.compiler.is_compiling():  # traced (dbrx.kernels.DecodeStep): an opaque op
+        return torch.ops.dbrx.int4_rows(x_KI, q_EOH, sc_EOG2, group, idx_K)
     lib = lib or library()
     x_KI = x_KI.float().contiguous()
     K, I = x_KI.shape
@@ -175,6 +177,8 @@ def int4_experts(x_1D: torch.Tensor, weights_K: torch.Tensor, experts_K: torch.T
                  lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """One token through its K experts, sum_k weight_k * w2_k(act(w1_k x) * v1_k x), in x's dtype. w1, v1, w2:
     (codes, kernel_scales, group); w1, v1 [E, F, D/2]; w2 transposed per expert, [E, D, F/2]."""
+    if lib is None and torch.compiler.is_compiling():
+        return torch.ops.dbrx.int4_experts(x_1D, weights_K, experts_K, *w1, *v1[:2], *w2, act)
     lib = lib or library()
     x = x_1D.float().contiguous()
     weight = weights_K.float().contiguous()
@@ -194,6 +198,8 @@ def int4_experts(x_1D: torch.Tensor, weights_K: torch.Tensor, experts_K: torch.T
 def f32_rows(x_KI: torch.Tensor, w_OI: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """y_KO = x_KI @ w_OI.T for fp32 weights stored row-major (contiguous): each row's dot product four rows at a
     time, the next rows prefetched."""
+    if lib is None and torch.compiler.is_compiling():
+        return torch.ops.dbrx.f32_rows(x_KI, w_OI)
     lib = lib or library()
     x_KI = x_KI.float().contiguous()
     K, I = x_KI.shape
@@ -203,3 +209,42 @@ def f32_rows(x_KI: torch.Tensor, w_OI: torch.Tensor, lib: ctypes.CDLL | None = N
     y_KO = torch.empty(K, O)
     _check(lib.dbrx_f32_rows(K, O, I, x_KI.data_ptr(), w_OI.data_ptr(), y_KO.data_ptr(), torch.get_num_threads()))
     return y_KO
+
+
+# ---- the same kernels as torch operators, for graphs that trace through them --------------------------------------
+# dbrx.kernels.DecodeStep exports a whole decode step and compiles it with inductor: the C calls are opaque operators
+# there, with their output shapes declared for tracing. Eager calls go through ctypes directly (an operator's
+# dispatch costs a few microseconds a call).
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("dbrx::int4_rows", mutates_args=())
+def _int4_rows_op(x_KI: Tensor, q_EOH: Tensor, sc_EOG2: Tensor, group: int, idx_K: Tensor | None) -> Tensor:
+    return int4_rows(x_KI, q_EOH, sc_EOG2, group, idx_K, library())
+
+
+@_int4_rows_op.register_fake
+def _(x_KI, q_EOH, sc_EOG2, group, idx_K):
+    return x_KI.new_empty(x_KI.shape[0], q_EOH.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dbrx::int4_experts", mutates_args=())
+def _int4_experts_op(x_1D: Tensor, weights_K: Tensor, experts_K: Tensor, q1: Tensor, sc1: Tensor, group1: int,
+                     qv: Tensor, scv: Tensor, q2: Tensor, sc2: Tensor, group2: int, act: str) -> Tensor:
+    return int4_experts(x_1D, weights_K, experts_K, (q1, sc1, group1), (qv, scv, group1), (q2, sc2, group2), act,
+                        library())
+
+
+@_int4_experts_op.register_fake
+def _(x_1D, weights_K, experts_K, q1, sc1, group1, qv, scv, q2, sc2, group2, act):
+    return x_1D.new_empty(1, x_1D.shape[-1])
+
+
+@torch.library.custom_op("dbrx::f32_rows", mutates_args=())
+def _f32_rows_op(x_KI: Tensor, w_OI: Tensor) -> Tensor:
+    return f32_rows(x_KI, w_OI, library())
+
+
+@_f32_rows_op.register_fake
+def _(x_KI, w_OI):
+    return x_KI.new_empty(x_KI.shape[0], w_OI.shape[0], dtype=torch.float32)
